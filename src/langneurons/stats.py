@@ -1,0 +1,480 @@
+"""Streaming, mergeable activation statistics per language, layer and neuron.
+
+:class:`LanguageStats` accumulates, for the ``[L, I]`` neurons of one site and one language:
+
+- ``n_tokens``: tokens whose activations were counted (exactly those, nothing else);
+- ``count_pos[l, j]`` and ``count_neg[l, j]`` (int64): tokens with activation ``> 0`` and ``< 0``
+  (compared in float32); the rest are exact zeros, kept as a point mass by the sketch;
+- ``sum``, ``sumsq`` (float64): first and second moments, for mean and standard deviation;
+- ``vmin``, ``vmax`` (float32): running extremes;
+- a quantile sketch: per neuron, a histogram over ``B`` bins with edges ``e_0 <= ... <= e_B`` fixed
+  from a calibration sample (the first batch of the language), plus an underflow and an overflow
+  bin. Two kinds of edges:
+
+  * ``quantile`` (default): the calibration sample's own quantiles, so every bin holds about
+    ``1/B`` of the tokens; accurate even where the density has a spike (the minimum of SiLU/GELU).
+    Binning is a per-neuron ``searchsorted``: cheap on a GPU, costly on a CPU.
+  * ``uniform``: ``B`` equal-width bins between the calibration P0.5 and P99.5. Binning is one
+    multiply-add, a floor and a ``bincount`` (fast on a CPU); less accurate near density spikes.
+
+  Counts are exact integers, so sketches with the same edges merge by addition. Exact zeros are a
+  separate point mass (from ``count_pos`` and ``count_neg``). Quantiles and the fraction of tokens
+  above any per-neuron threshold are read off by linear interpolation inside a bin (the outer
+  bins reach to ``vmin``/``vmax``);
+- in sentence mode, the mean activation of each of the first ``S`` sentences
+  (``sentence_mean``, ``[S, L, I]``), from which ``p_max`` and ``p_median`` are derived.
+
+Everything except the sketch edges is additive; :meth:`LanguageStats.merge` adds another shard,
+and a shard with other edges is refused (collect calibrates every shard of one run identically).
+
+:class:`ActivationStats` is the on-disk collection: ``DIR/stats.json`` (metadata) and one
+``DIR/<CODE>.safetensors`` per language.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STATS_FORMAT = "langneurons.stats.v1"
+DEFAULT_SKETCH_BINS = 64
+SKETCH_KINDS = ("quantile", "uniform")
+CALIBRATION_RANGE = (0.005, 0.995)
+CALIBRATION_TOKENS = 4096
+_CHUNK = 1 << 20  # tokens per accumulation step: keeps float32 counts exact
+
+
+class LanguageStats:
+    """Mergeable statistics of one language at one site (see the module docstring)."""
+
+    def __init__(self, num_layers: int, width: int, sketch_bins: int = DEFAULT_SKETCH_BINS,
+                 sentences: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "quantile"):
+        L, I = num_layers, width
+        self.num_layers, self.width = L, I
+        self.sketch_bins = int(sketch_bins)
+        if sketch_kind not in SKETCH_KINDS:
+            raise UserError(f"unknown sketch kind {sketch_kind!r}; use one of {', '.join(SKETCH_KINDS)}")
+        self.sketch_kind = sketch_kind
+        self.device = torch.device(device)
+        kw = dict(device=self.device)
+        self.n_tokens = torch.zeros((), dtype=torch.int64, **kw)
+        self.count_pos = torch.zeros(L, I, dtype=torch.int64, **kw)
+        self.count_neg = torch.zeros(L, I, dtype=torch.int64, **kw)
+        self.sum = torch.zeros(L, I, dtype=torch.float64, **kw)
+        self.sumsq = torch.zeros(L, I, dtype=torch.float64, **kw)
+        self.vmin = torch.full((L, I), float("inf"), dtype=torch.float32, **kw)
+        self.vmax = torch.full((L, I), float("-inf"), dtype=torch.float32, **kw)
+        B = self.sketch_bins
+        if B:
+            self.edges = torch.full((L, I, B + 1), float("nan"), dtype=torch.float32, **kw)
+            self.hist = torch.zeros(L, I, B + 2, dtype=torch.int64, **kw)
+            self._offsets = torch.arange(I, device=self.device, dtype=torch.int32) * (B + 2)
+            self._scale = torch.empty(L, I, dtype=torch.float32, **kw)
+            self._shift = torch.empty(L, I, dtype=torch.float32, **kw)
+        else:
+            self.edges = self.hist = None
+        self.max_sentences = int(sentences)
+        self.n_sentences = torch.zeros((), dtype=torch.int64, **kw)
+        self.sentence_mean = (torch.zeros(self.max_sentences, L, I, dtype=torch.float32, **kw)
+                              if sentences else None)
+        self._calibrated = [False] * L
+
+    # ------------------------------------------------------------------ accumulation
+    def add_layer(self, layer: int, x: torch.Tensor) -> None:
+        """Add the activations ``x`` (``[N, I]``, any float dtype) of ``N`` tokens of one layer.
+
+        The token count itself is added once per batch with :meth:`add_tokens`.
+        """
+        x = x.float()
+        for start in range(0, x.shape[0], _CHUNK):
+            self._add_chunk(layer, x[start:start + _CHUNK])
+
+    def _add_chunk(self, layer: int, x: torch.Tensor) -> None:
+        # sign() in {-1, 0, 1}: column sums are exact in float32 (N < 2^24); pos - neg and pos give both.
+        sign = x.sign()
+        balance = sign.sum(0)
+        pos = sign.clamp_min_(0).sum(0)
+        self.count_pos[layer] += pos.to(torch.int64)
+        self.count_neg[layer] += (pos - balance).to(torch.int64)
+        self.sum[layer] += x.sum(0).double()
+        self.sumsq[layer] += (x * x).sum(0).double()
+        torch.minimum(self.vmin[layer], x.amin(0), out=self.vmin[layer])
+        torch.maximum(self.vmax[layer], x.amax(0), out=self.vmax[layer])
+        if self.sketch_bins:
+            if not self._calibrated[layer]:
+                self.set_edges(layer, calibration_edges(x[:CALIBRATION_TOKENS], self.sketch_bins, self.sketch_kind))
+            self.hist[layer].view(-1).add_(torch.bincount(self.bin_index(layer, x).view(-1),
+                                                          minlength=self.hist[layer].numel()))
+
+    def bin_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Flat histogram index (neuron * (B + 2) + bin) of every value of ``x [N, I]``.
+
+        Bin 0 holds ``x < e_0``, bin ``k`` holds ``e_{k-1} <= x < e_k``, bin ``B + 1`` holds ``x >= e_B``.
+        """
+        B = self.sketch_bins
+        if self.sketch_kind == "uniform":
+            z = torch.addcmul(self._shift[layer], x, self._scale[layer]).floor_().clamp_(0, B + 1)
+            return z.to(torch.int32).add_(self._offsets)
+        idx = torch.searchsorted(self.edges[layer], x.t().contiguous(), right=True, out_int32=True)
+        return idx.add_(self._offsets[:, None])
+
+    def set_edges(self, layer: int, edges: torch.Tensor) -> None:
+        """Fix the sketch edges ``[I, B + 1]`` (non-decreasing per neuron) of ``layer``."""
+        self.edges[layer] = edges.to(self.device, torch.float32)
+        self._calibrated[layer] = True
+        self._refresh_affine(layer)
+
+    def _refresh_affine(self, layer: int) -> None:
+        lo, hi = self.edges[layer, :, 0], self.edges[layer, :, -1]
+        scale = self.sketch_bins / (hi - lo)
+        self._scale[layer] = scale
+        self._shift[layer] = 1.0 - lo * scale
+
+    def add_tokens(self, n: int) -> None:
+        self.n_tokens += int(n)
+
+    def add_sentence_means(self, layer: int, means: torch.Tensor, first_index: int) -> None:
+        """Store per-sentence mean activations ``[b, I]`` of sentences ``first_index ...``."""
+        if self.sentence_mean is None:
+            return
+        stop = min(self.max_sentences, first_index + means.shape[0])
+        if stop > first_index:
+            self.sentence_mean[first_index:stop, layer] = means[: stop - first_index].float()
+
+    def add_sentences(self, n: int) -> None:
+        self.n_sentences += int(n)
+
+    # ------------------------------------------------------------------ merging and state
+    TENSORS = ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "vmin", "vmax", "edges", "hist",
+               "n_sentences", "sentence_mean")
+
+    def merge(self, other: "LanguageStats") -> "LanguageStats":
+        """Add another shard's statistics in place (sketch edges must be identical)."""
+        if (other.num_layers, other.width, other.sketch_bins) != (self.num_layers, self.width, self.sketch_bins):
+            raise UserError("cannot merge statistics of different shapes or sketch sizes; "
+                            "merge only shards of the same collect run")
+        if self.sketch_bins and not torch.equal(self.edges.nan_to_num(0), other.edges.to(self.device).nan_to_num(0)):
+            raise UserError("cannot merge quantile sketches with different bin edges; "
+                            "collect the shards in one run (torchrun) or resume the same run")
+        o = {k: getattr(other, k).to(self.device) for k in ("n_tokens", "count_pos", "sum", "sumsq")}
+        self.n_tokens += o["n_tokens"]
+        self.count_pos += o["count_pos"]
+        self.count_neg += other.count_neg.to(self.device)
+        self.sum += o["sum"]
+        self.sumsq += o["sumsq"]
+        torch.minimum(self.vmin, other.vmin.to(self.device), out=self.vmin)
+        torch.maximum(self.vmax, other.vmax.to(self.device), out=self.vmax)
+        if self.sketch_bins:
+            self.hist += other.hist.to(self.device)
+        if self.sentence_mean is not None and other.sentence_mean is not None:
+            # sentence indices are global: shards fill disjoint rows
+            self.sentence_mean += other.sentence_mean.to(self.device)
+            self.n_sentences += other.n_sentences.to(self.device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in self.TENSORS:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v.detach().to("cpu").contiguous()
+        if self.sentence_mean is not None and int(self.n_sentences) > 0:
+            out["p_max"], out["p_median"] = self.sentence_patch_values()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device="cpu", sketch_kind: str = "quantile") -> "LanguageStats":
+        L, I = state["count_pos"].shape
+        B = state["hist"].shape[-1] - 2 if "hist" in state else 0
+        S = state["sentence_mean"].shape[0] if "sentence_mean" in state else 0
+        self = cls(L, I, sketch_bins=B, sentences=S, device=device, sketch_kind=sketch_kind)
+        for k in cls.TENSORS:
+            if k in state:
+                v = state[k].to(self.device).clone()
+                setattr(self, k, v.to(getattr(self, k).dtype).reshape(getattr(self, k).shape))
+        if B:
+            self._calibrated = [bool(torch.isfinite(self.edges[l]).all()) for l in range(L)]
+            for l in range(L):
+                if self._calibrated[l]:
+                    self._refresh_affine(l)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_save_tensors(self.state_dict(), path, metadata={"format": STATS_FORMAT, "sketch_kind": self.sketch_kind})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device="cpu") -> "LanguageStats":
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"statistics file {path} is unreadable or corrupt ({e}); collect it again") from None
+        required = ("n_tokens", "count_pos", "sum", "sumsq")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise UserError(f"statistics file {path} lacks {', '.join(missing)}; collect it again")
+        L, I = state["count_pos"].shape
+        for k in ("sum", "sumsq"):
+            if tuple(state[k].shape) != (L, I):
+                raise UserError(f"statistics file {path} is corrupt ({k} has shape {tuple(state[k].shape)}); "
+                                "collect it again")
+        kind = meta.get("sketch_kind", "quantile")
+        if kind not in SKETCH_KINDS:
+            raise UserError(f"statistics file {path} names an unknown sketch kind {kind!r}; collect it again")
+        return cls.from_state_dict(state, device=device, sketch_kind=kind)
+
+    # ------------------------------------------------------------------ derived quantities
+    def prob(self) -> torch.Tensor:
+        """Activation probability ``count_pos / n_tokens`` (float64 ``[L, I]``)."""
+        n = int(self.n_tokens)
+        return self.count_pos.double() / n if n else torch.zeros_like(self.sum)
+
+    def mean(self) -> torch.Tensor:
+        n = int(self.n_tokens)
+        return self.sum / n if n else torch.zeros_like(self.sum)
+
+    def std(self) -> torch.Tensor:
+        """Population standard deviation (float64 ``[L, I]``)."""
+        n = int(self.n_tokens)
+        if not n:
+            return torch.zeros_like(self.sum)
+        m = self.sum / n
+        return (self.sumsq / n - m * m).clamp_min(0).sqrt()
+
+    def _require_sketch(self) -> None:
+        if not self.sketch_bins:
+            raise UserError("these statistics were collected without a quantile sketch; "
+                            "collect again without --sketch-bins 0")
+
+    def cdf(self, threshold: torch.Tensor) -> torch.Tensor:
+        """Fraction of tokens with activation ``<= threshold`` (per-neuron ``[L, I]``), float64.
+
+        Exact zeros are a point mass (``n - count_pos - count_neg`` tokens); every other token is
+        spread uniformly inside its bin, the outer bins reaching to ``vmin`` and ``vmax``.
+        """
+        self._require_sketch()
+        t = torch.as_tensor(threshold, device=self.device).double().expand(self.num_layers, self.width)
+        e = self.edges.double()
+        counts = self.hist.double()
+        zeros = (self.n_tokens - self.count_pos - self.count_neg).double()
+        # take the zeros out of the bin they were counted in
+        b0 = torch.searchsorted(e, torch.zeros_like(e[..., :1]), right=True)
+        counts = counts.scatter_add(-1, b0, -zeros.unsqueeze(-1))
+        cum = counts.cumsum(-1)
+        total = cum[..., -1] + zeros
+        b = torch.searchsorted(e, t.unsqueeze(-1).contiguous(), right=True)  # bin of t
+        # bin bounds: 0 = [min(vmin, e_0), e_0), k = [e_{k-1}, e_k), B + 1 = [e_B, max(vmax, e_B)]
+        lo_all = torch.cat([torch.minimum(self.vmin.double(), e[..., 0]).unsqueeze(-1), e], -1)
+        hi_all = torch.cat([e, torch.maximum(self.vmax.double(), e[..., -1]).unsqueeze(-1)], -1)
+        b_lo, b_hi = lo_all.gather(-1, b).squeeze(-1), hi_all.gather(-1, b).squeeze(-1)
+        width = b_hi - b_lo
+        frac = torch.where(width > 0, (t - b_lo) / width.clamp_min(1e-300), torch.ones_like(width)).clamp(0, 1)
+        inside = counts.gather(-1, b).squeeze(-1)
+        below = cum.gather(-1, b).squeeze(-1) - inside
+        out = below + frac * inside + torch.where(t >= 0, zeros, torch.zeros_like(zeros))
+        return torch.where(total > 0, out / total.clamp_min(1), torch.zeros_like(out))
+
+    def quantile(self, q: float, iters: int = 64) -> torch.Tensor:
+        """Global ``q``-quantile (``0 <= q <= 1``) of every neuron, float64 ``[L, I]``.
+
+        The smallest ``t`` with ``cdf(t) >= q``, found by bisection on the sketch CDF.
+        """
+        self._require_sketch()
+        if not 0.0 <= q <= 1.0:
+            raise UserError(f"quantile {q} is outside [0, 1]")
+        return _bisect_cdf([self], torch.ones(1, dtype=torch.float64), q, iters)
+
+    def frac_above(self, threshold: torch.Tensor) -> torch.Tensor:
+        """Fraction of tokens with activation ``> threshold`` (float64 ``[L, I]``)."""
+        return 1.0 - self.cdf(threshold)
+
+    def sentence_patch_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``p_max`` and ``p_median`` over the per-sentence means of the first ``S`` sentences.
+
+        The median of an even number of sentences is the mean of the two middle values (numpy's).
+        """
+        n = min(int(self.n_sentences), self.max_sentences)
+        if self.sentence_mean is None or n == 0:
+            raise UserError("these statistics hold no per-sentence means; collect with --unit sentence")
+        m = self.sentence_mean[:n]
+        return m.max(0).values, torch.quantile(m.double(), 0.5, dim=0).float()
+
+
+def calibration_edges(x: torch.Tensor, bins: int, kind: str = "quantile") -> torch.Tensor:
+    """Sketch edges ``[I, bins + 1]`` from a calibration sample ``x [N, I]``.
+
+    ``quantile``: edge ``k`` is the order statistic at rank ``round(k (N - 1) / bins)``, so each inner
+    bin holds about ``1 / bins`` of the calibration tokens. ``uniform``: equal-width edges between the
+    order statistics at ``round(0.005 (N - 1))`` and ``round(0.995 (N - 1))`` (P0.5 and P99.5).
+    A neuron with a constant calibration sample still gets a positive-width range.
+    """
+    xs = x.float().sort(dim=0).values  # [N, I]
+    n = xs.shape[0]
+    if kind == "quantile":
+        ranks = torch.round(torch.linspace(0, n - 1, bins + 1, device=x.device)).long()
+        edges = xs[ranks].t().contiguous()
+        lo, hi = edges[:, 0], edges[:, -1]
+    else:
+        lo_q, hi_q = CALIBRATION_RANGE
+        lo, hi = xs[round(lo_q * (n - 1))], xs[round(hi_q * (n - 1))]
+        edges = None
+    hi_fixed = torch.where(hi > lo, hi, lo + 1e-6 * (lo.abs() + 1))
+    if edges is None:
+        steps = torch.linspace(0, 1, bins + 1, device=x.device)
+        return lo[:, None] + (hi_fixed - lo)[:, None] * steps
+    edges[:, -1] = hi_fixed
+    return edges
+
+
+def pooled_quantile(stats: Iterable[LanguageStats], q: float, iters: int = 64) -> torch.Tensor:
+    """The ``q``-quantile of the pooled token distribution of several languages, ``[L, I]``.
+
+    Solves ``sum_k n_k F_k(t) / sum_k n_k = q`` per neuron by bisection on the sketch CDFs, so it
+    works for sketches with different ranges (every language is calibrated on its own tokens).
+    """
+    stats = list(stats)
+    if not stats:
+        raise UserError("no languages to pool")
+    n = torch.stack([s.n_tokens.double().cpu() for s in stats])
+    return _bisect_cdf(stats, n / n.sum(), q, iters)
+
+
+def _bisect_cdf(stats: list[LanguageStats], weights: torch.Tensor, q: float, iters: int) -> torch.Tensor:
+    lo = torch.stack([torch.minimum(s.vmin, torch.zeros_like(s.vmin)) for s in stats]).min(0).values.double()
+    hi = torch.stack([torch.maximum(s.vmax, torch.zeros_like(s.vmax)) for s in stats]).max(0).values.double()
+    lo = lo - 1e-12  # cdf(lo) < q for every q > 0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        F = sum(float(wk) * s.cdf(mid) for wk, s in zip(weights, stats))
+        below = F < q
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    # an interval that closes on 0 from both sides has found the point mass of exact zeros
+    return torch.where((lo < 0) & (hi >= 0), torch.zeros_like(hi), hi)
+
+
+def atomic_save_tensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Write a safetensors file atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ActivationStats:
+    """Statistics of several languages on one model and site: ``DIR/stats.json`` + ``DIR/<CODE>.safetensors``.
+
+    >>> stats = ActivationStats.load("runs/stats")      # doctest: +SKIP
+    >>> stats.languages, stats.get("en").prob().shape   # doctest: +SKIP
+    """
+
+    def __init__(self, meta: dict, directory: Optional[Path] = None,
+                 per_language: Optional[dict[str, LanguageStats]] = None):
+        self.meta = meta
+        self.directory = Path(directory) if directory else None
+        self._cache: dict[str, LanguageStats] = dict(per_language or {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ActivationStats":
+        d = Path(directory)
+        f = d / "stats.json"
+        if not f.is_file():
+            raise UserError(f"{d} holds no stats.json; point --stats at a directory written by 'langneurons collect'")
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{f} is corrupt ({e.__class__.__name__}); collect the statistics again") from None
+        if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT or "languages" not in meta:
+            raise UserError(f"{f} is not a langneurons statistics file (format {STATS_FORMAT}); collect again")
+        return cls(meta, d)
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.meta["languages"].keys())
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["model"]["num_layers"])
+
+    @property
+    def width(self) -> int:
+        return int(self.meta["model"]["width"])
+
+    @property
+    def site(self) -> str:
+        return self.meta["model"]["site"]
+
+    @property
+    def model_info(self) -> dict:
+        """The ``model`` block of a neuron-set file made from these statistics."""
+        m = self.meta["model"]
+        return {k: m[k] for k in ("name_or_path", "model_type", "num_layers", "width", "site")}
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the model, site and every language's corpus and token count."""
+        key = json.dumps({"model": self.meta["model"], "tokenizer": self.meta.get("tokenizer_fingerprint"),
+                          "window": self.meta.get("window"), "unit": self.meta.get("unit"),
+                          "languages": {k: {f: v.get(f) for f in ("corpus_fingerprint", "n_tokens")}
+                                        for k, v in sorted(self.meta["languages"].items())}},
+                         sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def get(self, code: str) -> LanguageStats:
+        if code not in self.meta["languages"]:
+            raise UserError(f"language {code!r} is not in these statistics (they hold {', '.join(self.languages)}); "
+                            "collect it first or pick another")
+        if code not in self._cache:
+            if self.directory is None:
+                raise UserError(f"statistics of {code!r} are not loaded")
+            path = self.directory / f"{code}.safetensors"
+            if not path.is_file():
+                raise UserError(f"{path} is missing; collect language {code!r} again")
+            ls = LanguageStats.load(path)
+            if (ls.num_layers, ls.width) != (self.num_layers, self.width):
+                raise UserError(f"{path} has shape {ls.num_layers}x{ls.width} but stats.json says "
+                                f"{self.num_layers}x{self.width}; collect again")
+            self._cache[code] = ls
+        return self._cache[code]
+
+    def check_languages(self, languages: Optional[Iterable[str]]) -> list[str]:
+        """Validate a language selection (``None`` = all) against the statistics."""
+        if languages is None:
+            return self.languages
+        langs = list(languages)
+        unknown = [c for c in langs if c not in self.meta["languages"]]
+        if unknown:
+            raise UserError(f"unknown language(s) {', '.join(unknown)}; these statistics hold {', '.join(self.languages)}")
+        if len(set(langs)) != len(langs):
+            raise UserError("a language is named twice in --languages")
+        return langs
