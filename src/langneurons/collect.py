@@ -1,0 +1,463 @@
+"""Collect activation statistics of a model on per-language corpora.
+
+One forward pass per batch of windows (or padded sentences) through ``model.base_model`` (the LM
+head is never needed), with observer hooks at the chosen site that feed :class:`LanguageStats`.
+
+Resumable: partial statistics are checkpointed atomically to ``OUT/.partial/`` every
+``checkpoint_every`` seconds; rerunning the same command continues from the last checkpoint and
+ends with exactly the statistics of an uninterrupted run (the batches, their order and the sketch
+calibration are deterministic).
+
+Data-parallel: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE > 1``) rank ``r`` takes
+batches ``r, r + W, ...``, accumulates on its device, and the shards are all-reduced once per
+language. The sketch of every rank is calibrated on batch 0, so the merged sketch equals a
+one-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import __version__
+from .arch import Adapter, check_site, parse_arch_override
+from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, load_sentences, load_stream,
+                     select_windows, tokenizer_fingerprint)
+from .errors import UserError
+from .hooks import check_fired, observe
+from .stats import (DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats, LanguageStats,
+                    atomic_save_tensors, atomic_write_text, calibration_edges)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class CollectConfig:
+    model: str
+    languages: list[LanguageSource]
+    out: Path
+    site: str = "act"
+    unit: str = "window"
+    window: int = 512
+    sentences: int = 100
+    max_tokens: Optional[int] = None
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: Optional[str] = None
+    seed: int = 0
+    sketch_bins: int = DEFAULT_SKETCH_BINS
+    sketch_kind: str = "quantile"
+    bos: str = "window"
+    separator: str = "eos"
+    cache_dir: Optional[Path] = field(default_factory=default_cache_dir)
+    checkpoint_every: float = 300.0
+    arch: Optional[str] = None
+    text_field: str = "text"
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_site(self.site)
+        if self.unit not in ("window", "sentence"):
+            raise UserError(f"unknown --unit {self.unit!r}; use window or sentence")
+        if self.window < 2:
+            raise UserError(f"--window {self.window} is too small; use at least 2 tokens")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UserError("--max-tokens must be positive")
+        if self.sketch_bins < 0 or self.sketch_bins == 1:
+            raise UserError("--sketch-bins must be 0 (no sketch) or at least 2")
+        if self.sketch_kind not in SKETCH_KINDS:
+            raise UserError(f"unknown --sketch {self.sketch_kind!r}; use one of {', '.join(SKETCH_KINDS)}")
+        if self.bos not in ("window", "none") or self.separator not in ("eos", "none"):
+            raise UserError("--bos must be window or none and --separator eos or none")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {self.dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
+
+
+# ---------------------------------------------------------------------------------------- model loading
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but no GPU is available; use --device cpu")
+    return d
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, device_map: Optional[str] = None,
+               trust_remote_code: bool = False):
+    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a hub id or a local directory, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer of {name_or_path!r} ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); give a local model directory or a hub id "
+                        "that is cached") from None
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    dtype_kw = "dtype" if "dtype" in inspect.signature(AutoModelForCausalLM.from_pretrained).parameters else "torch_dtype"
+    try:
+        import transformers
+        major = int(transformers.__version__.split(".")[0])
+        dtype_kw = "dtype" if major >= 5 else "torch_dtype"
+    except ValueError:
+        pass
+    kwargs[dtype_kw] = dtype
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load model {name_or_path!r} ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); give a local model directory or a hub id "
+                        "that is cached") from None
+    if not device_map:
+        model.to(device)
+    model.eval()
+    return model, tok
+
+
+def model_fingerprint(model) -> str:
+    """A digest of the config and of a sample of the weights (tells two models apart cheaply)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def _init_dist(device: torch.device) -> None:
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _all_reduce_stats(ls: LanguageStats) -> None:
+    import torch.distributed as dist
+    for name in ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "hist", "n_sentences", "sentence_mean"):
+        t = getattr(ls, name)
+        if t is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(ls.vmin, op=dist.ReduceOp.MIN)
+    dist.all_reduce(ls.vmax, op=dist.ReduceOp.MAX)
+
+
+# ---------------------------------------------------------------------------------------- batches
+@dataclass
+class Batch:
+    input_ids: torch.Tensor                    # [B, T]
+    attention_mask: Optional[torch.Tensor]     # [B, T] (sentence unit only)
+    first_sentence: int = 0
+
+
+def window_batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+def pad_sentences(sents: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in sents)
+    ids = torch.full((len(sents), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sents), T), dtype=torch.long)
+    for i, s in enumerate(sents):
+        if side == "left":
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+        else:
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def forward_kwargs(model, attention_mask: Optional[torch.Tensor]) -> dict:
+    """Keyword arguments of a padded forward pass: the mask, and position ids counted over real tokens.
+
+    Position ids make left padding give the same activations as right padding for rotary and
+    learned absolute positions (models that take no ``position_ids``, such as BLOOM, derive
+    positions from the mask themselves).
+    """
+    if attention_mask is None:
+        return {}
+    kw = {"attention_mask": attention_mask}
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
+        kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return kw
+
+
+# ---------------------------------------------------------------------------------------- the collector
+class Collector:
+    """Runs forward passes with observer hooks that accumulate into a :class:`LanguageStats`."""
+
+    def __init__(self, model, adapter: Adapter, site: str, input_device: torch.device):
+        self.model = model
+        self.base = getattr(model, "base_model", model)
+        self.adapter = adapter
+        self.site = site
+        self.input_device = input_device
+        self.stats: Optional[LanguageStats] = None
+        self._mask: Optional[torch.Tensor] = None      # flat bool mask of real tokens, or None
+        self._sentence_mask: Optional[torch.Tensor] = None
+        self._first_sentence = 0
+        self._calibrate_only = False
+
+    def _observe(self, layer: int, t: torch.Tensor) -> None:
+        ls = self.stats
+        I = t.shape[-1]
+        x = t.reshape(-1, I)
+        if self._mask is not None:
+            x = x[self._mask]
+        if self._calibrate_only:
+            if not ls._calibrated[layer]:
+                ls.set_edges(layer, calibration_edges(x.float()[:4096], ls.sketch_bins, ls.sketch_kind))
+            return
+        ls.add_layer(layer, x.to(ls.device))
+        if ls.sentence_mean is not None and self._first_sentence < ls.max_sentences:
+            m = self._sentence_mask.to(t.dtype).unsqueeze(-1)          # [B, T, 1]
+            means = (t.float() * m).sum(1) / m.sum(1).float().clamp_min(1)
+            ls.add_sentence_means(layer, means.to(ls.device), self._first_sentence)
+
+    @torch.no_grad()
+    def run_batch(self, batch: Batch) -> int:
+        ids = batch.input_ids.to(self.input_device)
+        mask = batch.attention_mask
+        if mask is not None:
+            mask = mask.to(self.input_device)
+            self._mask = mask.reshape(-1).bool()
+            self._sentence_mask = mask
+            n = int(mask.sum())
+        else:
+            self._mask = None
+            self._sentence_mask = None
+            n = ids.numel()
+        self._first_sentence = batch.first_sentence
+        with observe(self.adapter, self.site, self._observe) as calls:
+            self.base(input_ids=ids, use_cache=False, **forward_kwargs(self.base, mask))
+        check_fired(calls, list(range(self.adapter.num_layers)))
+        if not self._calibrate_only:
+            self.stats.add_tokens(n)
+            if mask is not None:
+                self.stats.add_sentences(ids.shape[0])
+        return n
+
+
+# ---------------------------------------------------------------------------------------- the command
+def _lang_key(cfg: CollectConfig, model_fp: str, cfp: str, world: int, rank: int) -> str:
+    key = dict(model=model_fp, site=cfg.site, unit=cfg.unit, window=cfg.window, bos=cfg.bos, sep=cfg.separator,
+               max_tokens=cfg.max_tokens, seed=cfg.seed, batch=cfg.batch_size, corpus=cfp, bins=cfg.sketch_bins,
+               kind=cfg.sketch_kind, sentences=cfg.sentences, world=world, rank=rank, dtype=cfg.dtype)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_out(out: Path, ident: dict) -> Optional[dict]:
+    """Existing metadata of OUT if it holds statistics of the same model and settings; else raise."""
+    f = out / "stats.json"
+    if not f.exists():
+        if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
+            raise UserError(f"--out {out} exists and is not a langneurons statistics directory; "
+                            "choose a new or empty directory")
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{f} is corrupt; choose a new --out directory") from None
+    if meta.get("format") != STATS_FORMAT:
+        raise UserError(f"{f} is not a langneurons statistics file; choose a new --out directory")
+    theirs = meta.get("identity", {})
+    diff = [k for k in ident if theirs.get(k) != ident[k]]
+    if diff:
+        shown = ", ".join(f"{k}: {theirs.get(k)!r} there vs {ident[k]!r} now" for k in diff[:3])
+        raise UserError(f"--out {out} holds statistics of another model or settings ({shown}); "
+                        "use a new --out directory")
+    return meta
+
+
+def collect(cfg: CollectConfig, model=None, tokenizer=None) -> ActivationStats:
+    """Run a collection (see the module docstring) and return the loaded statistics."""
+    cfg.validate()
+    rank, world = dist_info()
+    device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device, dtype, cfg.device_map, cfg.trust_remote_code)
+    spec = parse_arch_override(cfg.arch) if cfg.arch else None
+    adapter = Adapter(model, spec)
+    if world > 1:
+        _init_dist(device)
+    input_device = model.get_input_embeddings().weight.device
+    stats_device = input_device
+    packing = Packing(cfg.window, cfg.bos, cfg.separator).resolve(tokenizer)
+    model_fp = model_fingerprint(model)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    ident = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp, "site": cfg.site, "unit": cfg.unit,
+             "window": cfg.window, "packing": packing.as_dict(), "sketch_bins": cfg.sketch_bins,
+             "sketch_kind": cfg.sketch_kind}
+    out = Path(cfg.out)
+    existing = _check_out(out, ident)
+    meta = existing or {
+        "format": STATS_FORMAT,
+        "library_version": __version__,
+        "model": {"name_or_path": cfg.model, "model_type": adapter.model_type, "num_layers": adapter.num_layers,
+                  "width": adapter.width, "site": cfg.site, "gated": adapter.gated, "adapter": adapter.source,
+                  "arch": dataclasses.asdict(adapter.spec)},
+        "identity": ident,
+        "tokenizer_fingerprint": tok_fp,
+        "unit": cfg.unit, "window": cfg.window, "packing": packing.as_dict(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "sketch": {"bins": cfg.sketch_bins, "kind": cfg.sketch_kind},
+        "languages": {},
+    }
+    collector = Collector(model, adapter, cfg.site, input_device)
+    partial_dir = out / ".partial"
+    for src in cfg.languages:
+        _collect_language(cfg, src, tokenizer, packing, collector, meta, out, partial_dir, model_fp,
+                          stats_device, rank, world)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return ActivationStats.load(out)
+
+
+def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, collector: Collector, meta: dict,
+                      out: Path, partial_dir: Path, model_fp: str, stats_device, rank: int, world: int) -> None:
+    code = src.code
+    if cfg.unit == "window":
+        stream, cfp = load_stream(src, tokenizer, packing, cfg.cache_dir, cfg.text_field,
+                                  stream_cap=(cfg.max_tokens * 4 if cfg.max_tokens else None))
+        all_windows = cut_windows(stream, packing, tokenizer.bos_token_id, code)
+        chosen = select_windows(len(all_windows), cfg.window, cfg.max_tokens, cfg.seed)
+        batches_np = window_batches(all_windows[chosen], cfg.batch_size)
+        total_tokens = int(len(chosen) * cfg.window)
+        info = {"n_windows_total": int(len(all_windows)), "n_windows": int(len(chosen)),
+                "stream_tokens": int(len(stream))}
+    else:
+        sents, cfp = load_sentences(src, tokenizer, cfg.window, cfg.max_tokens, cfg.text_field)
+        batches_np = [sents[i:i + cfg.batch_size] for i in range(0, len(sents), cfg.batch_size)]
+        total_tokens = sum(len(s) for s in sents)
+        info = {"n_sentences": len(sents)}
+    done = meta["languages"].get(code)
+    lang_meta = {"source": src.spec, "corpus_fingerprint": cfp, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
+                 **info}
+    if done is not None:
+        if all(done.get(k) == v for k, v in lang_meta.items()) and (out / f"{code}.safetensors").is_file():
+            _log(cfg, rank, f"{code}: already collected in {out}, skipped")
+            return
+        raise UserError(f"--out {out} already holds statistics of {code!r} from another corpus or settings; "
+                        f"use a new --out directory or remove {out / (code + '.safetensors')}")
+    key = _lang_key(cfg, model_fp, cfp, world, rank)
+    ckpt = partial_dir / f"{code}.rank{rank}.safetensors"
+    ckpt_meta = partial_dir / f"{code}.rank{rank}.json"
+    ls = None
+    next_batch = 0
+    if ckpt.is_file() and ckpt_meta.is_file():
+        try:
+            m = json.loads(ckpt_meta.read_text())
+            if m.get("key") == key:
+                ls = LanguageStats.load(ckpt, device=stats_device)
+                next_batch = int(m["next_batch"])
+                _log(cfg, rank, f"{code}: resuming at batch {next_batch} of {len(batches_np)}")
+        except (json.JSONDecodeError, KeyError, UserError):
+            ls, next_batch = None, 0
+    if ls is None:
+        S = cfg.sentences if cfg.unit == "sentence" else 0
+        ls = LanguageStats(collector.adapter.num_layers, collector.adapter.width, cfg.sketch_bins, sentences=S,
+                           device=stats_device, sketch_kind=cfg.sketch_kind)
+    collector.stats = ls
+
+    def make_batch(i: int) -> Batch:
+        if cfg.unit == "window":
+            return Batch(torch.from_numpy(batches_np[i].astype(np.int64)), None)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        ids, mask = pad_sentences(batches_np[i], pad_id, getattr(tokenizer, "padding_side", "right") or "right")
+        return Batch(ids, mask, first_sentence=i * cfg.batch_size)
+
+    # Sketch calibration on batch 0, identical on every rank (and across resumes: edges are checkpointed).
+    if cfg.sketch_bins and world > 1 and not all(ls._calibrated):
+        collector._calibrate_only = True
+        try:
+            collector.run_batch(make_batch(0))
+        finally:
+            collector._calibrate_only = False
+        import torch.distributed as dist
+        dist.broadcast(ls.edges, src=0)
+        for l in range(ls.num_layers):
+            ls.set_edges(l, ls.edges[l])
+
+    mine = [i for i in range(len(batches_np)) if i % world == rank]
+    todo = [i for i in mine if i >= next_batch]
+    fault = int(os.environ.get("LANGNEURONS_FAULT_AFTER_BATCHES", "0"))  # test hook: SIGKILL after N batches
+    bar = _progress(cfg, rank, code, total_tokens // world, done_tokens=(len(mine) - len(todo)) * (total_tokens // max(1, len(batches_np))))
+    last_ckpt = time.monotonic()
+    for n_done, i in enumerate(todo, 1):
+        n = collector.run_batch(make_batch(i))
+        if bar is not None:
+            bar.update(n)
+        if time.monotonic() - last_ckpt >= cfg.checkpoint_every or (fault and n_done == fault):
+            ls.save(ckpt)
+            atomic_write_text(ckpt_meta, json.dumps({"key": key, "next_batch": i + 1}))
+            last_ckpt = time.monotonic()
+        if fault and n_done == fault:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        _all_reduce_stats(ls)
+    if rank == 0:
+        lang_meta["n_tokens"] = int(ls.n_tokens)
+        if cfg.unit == "sentence":
+            lang_meta["n_sentence_means"] = int(min(int(ls.n_sentences), ls.max_sentences))
+        ls.save(out / f"{code}.safetensors")
+        meta["languages"][code] = lang_meta
+        atomic_write_text(out / "stats.json", json.dumps(meta, indent=1, sort_keys=False))
+    for f in (ckpt, ckpt_meta):
+        if f.exists():
+            f.unlink()
+    if partial_dir.is_dir() and not any(partial_dir.iterdir()):
+        partial_dir.rmdir()
+
+
+def _progress(cfg: CollectConfig, rank: int, code: str, total: int, done_tokens: int = 0):
+    if not cfg.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=min(done_tokens, total), unit="tok", unit_scale=True, desc=f"collect {code}",
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def _log(cfg: CollectConfig, rank: int, msg: str) -> None:
+    if cfg.progress and rank == 0:
+        import sys
+        print(f"langneurons: {msg}", file=sys.stderr)

@@ -1,0 +1,80 @@
+"""``langneurons collect``: activation statistics per language."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..corpus import parse_lang_args
+from ..stats import DEFAULT_SKETCH_BINS, SKETCH_KINDS
+
+HELP = "collect per-language activation statistics of a model (resumable, torchrun-aware)"
+
+EPILOG = """\
+SOURCE: a .txt file (one document per line), a .jsonl file (field 'text'), a directory of those,
+a comma-separated list of those, or hf:DATASET[:CONFIG[:SPLIT]] (streamed with 'datasets').
+
+OUT holds stats.json and one CODE.safetensors per language. Rerun the same command after an
+interruption to resume from the last checkpoint. Under torchrun, ranks share the windows.
+
+example:
+  langneurons collect --model meta-llama/Llama-3.1-8B --lang en=wiki.en.txt --lang zh=wiki.zh.txt \\
+      --out runs/llama-stats --window 512 --max-tokens 100000000 --batch-size 16
+"""
+
+
+def register(sub) -> None:
+    import argparse
+    p = sub.add_parser("collect", help=HELP, description=HELP, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model id or local directory")
+    p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
+                   help="a language and its corpus (repeat per language)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--site", default="act", help="pre | act (default) | product")
+    p.add_argument("--unit", default="window", choices=("window", "sentence"),
+                   help="window: packed token windows (default); sentence: one line = one padded sequence, "
+                        "with per-sentence means of the first --sentences sentences")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (sentence unit: max length) [512]")
+    p.add_argument("--sentences", type=int, default=100, help="sentence unit: sentences whose means are kept [100]")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap per language (a seeded random subset of windows)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass [8]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over devices")
+    p.add_argument("--seed", type=int, default=0, help="window selection seed [0]")
+    p.add_argument("--sketch-bins", type=int, default=DEFAULT_SKETCH_BINS,
+                   help=f"quantile sketch bins per neuron, 0 = no sketch [{DEFAULT_SKETCH_BINS}]")
+    p.add_argument("--sketch", default="quantile", choices=SKETCH_KINDS,
+                   help="sketch bin edges: quantile (accurate, default) or uniform (faster on CPU)")
+    p.add_argument("--bos", default="window", choices=("window", "none"), help="BOS at the start of every window")
+    p.add_argument("--separator", default="eos", choices=("eos", "none"), help="token between documents")
+    p.add_argument("--cache-dir", type=Path, default=None, help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
+    p.add_argument("--no-cache", action="store_true", help="do not cache token streams")
+    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints [300]")
+    p.add_argument("--arch", default=None,
+                   help="module paths for an unrecognised architecture: layers=...,gate=...,act=...,down=...[,up=...]"
+                        "[,layout=linear|fused_gate_up|conv1d]")
+    p.add_argument("--text-field", default="text", help="field of .jsonl and hf: records [text]")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..collect import CollectConfig, collect
+    from ..corpus import default_cache_dir
+    cfg = CollectConfig(
+        model=args.model, languages=parse_lang_args(args.lang), out=args.out, site=args.site, unit=args.unit,
+        window=args.window, sentences=args.sentences, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, device_map=args.device_map, seed=args.seed,
+        sketch_bins=args.sketch_bins, sketch_kind=args.sketch, bos=args.bos, separator=args.separator,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        checkpoint_every=args.checkpoint_every, arch=args.arch, text_field=args.text_field,
+        trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    cfg.validate()
+    stats = collect(cfg)
+    import sys
+    for code in stats.languages:
+        print(f"{code}\t{stats.meta['languages'][code]['n_tokens']} tokens", file=sys.stderr)
+    print(str(args.out))
+    return 0

@@ -1,0 +1,46 @@
+"""``langneurons tiny-train``: a tiny multilingual model for tests, demos and experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "train a tiny Llama and byte-level BPE tokenizer on given languages (CPU, minutes)"
+
+
+def register(sub) -> None:
+    from ..tiny import TinyConfig
+    d = TinyConfig()
+    p = sub.add_parser("tiny-train", help=HELP, description=HELP + ". Writes a HuggingFace model directory "
+                       "that AutoModelForCausalLM and AutoTokenizer load offline; the last 5%% of each language's "
+                       "lines are held out and written to OUT/heldout/CODE.txt.")
+    p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
+                   help="a language and its text (as in collect; repeat per language)")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps [{d.steps}]")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed [{d.seed}]")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary [{d.vocab_size}]")
+    p.add_argument("--hidden-size", type=int, default=d.hidden_size, help=f"[{d.hidden_size}]")
+    p.add_argument("--intermediate-size", type=int, default=d.intermediate_size, help=f"MLP width [{d.intermediate_size}]")
+    p.add_argument("--layers", type=int, default=d.num_layers, help=f"decoder layers [{d.num_layers}]")
+    p.add_argument("--context", type=int, default=d.context, help=f"training window [{d.context}]")
+    p.add_argument("--batch-per-language", type=int, default=d.batch_per_language,
+                   help=f"windows per language per step [{d.batch_per_language}]")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate [{d.lr}]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..corpus import parse_lang_args
+    from ..tiny import TinyConfig, train_tiny
+    cfg = TinyConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                     intermediate_size=args.intermediate_size, num_layers=args.layers, context=args.context,
+                     steps=args.steps, batch_per_language=args.batch_per_language, lr=args.lr, seed=args.seed,
+                     threads=args.threads)
+    rec = train_tiny(parse_lang_args(args.lang), args.out, cfg, progress=not args.quiet)
+    import sys
+    print(f"tiny-train: loss {rec['loss_first']:.3f} -> {rec['loss_last_50']:.3f} in {rec['train_seconds']} s",
+          file=sys.stderr)
+    print(str(args.out))
+    return 0
