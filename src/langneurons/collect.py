@@ -32,8 +32,8 @@ import torch
 
 from . import __version__
 from .arch import Adapter, check_site, parse_arch_override
-from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, load_sentences, load_stream,
-                     select_windows, tokenizer_fingerprint)
+from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, iter_documents, load_sentences,
+                     load_stream, select_windows, tokenizer_fingerprint)
 from .errors import UserError
 from .hooks import check_fired, observe
 from .stats import (DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats, LanguageStats,
@@ -112,6 +112,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, devi
                trust_remote_code: bool = False):
     """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a hub id or a local directory, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -139,6 +140,24 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, devi
         model.to(device)
     model.eval()
     return model, tok
+
+
+def quiet_transformers() -> None:
+    """No weight-loading progress bars: our own progress goes to stderr, errors are one line."""
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+
+
+def check_corpora_not_empty(sources: list[LanguageSource], text_field: str) -> None:
+    """Fail before loading a model when a local corpus has no text (streamed sources are checked later)."""
+    for src in sources:
+        local = [i for i in src.items if not i.startswith("hf:")]
+        if local and len(local) == len(src.items) and next(iter_documents(local, text_field, src.code), None) is None:
+            raise UserError(f"language {src.code}: the corpus {src.spec} is empty (no non-empty lines); "
+                            "give a file with text")
 
 
 def model_fingerprint(model) -> str:
@@ -243,8 +262,10 @@ class Collector:
             return
         ls.add_layer(layer, x.to(ls.device))
         if ls.sentence_mean is not None and self._first_sentence < ls.max_sentences:
-            m = self._sentence_mask.to(t.dtype).unsqueeze(-1)          # [B, T, 1]
-            means = (t.float() * m).sum(1) / m.sum(1).float().clamp_min(1)
+            mask = self._sentence_mask
+            m = mask.to(torch.float32).unsqueeze(-1)                        # [B, T, 1]
+            tt = t.reshape(*mask.shape, I).float()                          # OPT flattens to [B*T, I]
+            means = (tt * m).sum(1) / m.sum(1).clamp_min(1)
             ls.add_sentence_means(layer, means.to(ls.device), self._first_sentence)
 
     @torch.no_grad()
@@ -305,6 +326,7 @@ def _check_out(out: Path, ident: dict) -> Optional[dict]:
 def collect(cfg: CollectConfig, model=None, tokenizer=None) -> ActivationStats:
     """Run a collection (see the module docstring) and return the loaded statistics."""
     cfg.validate()
+    check_corpora_not_empty(cfg.languages, cfg.text_field)
     rank, world = dist_info()
     device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
@@ -401,7 +423,10 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
         if cfg.unit == "window":
             return Batch(torch.from_numpy(batches_np[i].astype(np.int64)), None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        ids, mask = pad_sentences(batches_np[i], pad_id, getattr(tokenizer, "padding_side", "right") or "right")
+        # Statistics passes always pad on the right: no query row is fully masked (left padding makes
+        # some models, e.g. BLOOM, produce NaN that leaks into real positions), and the statistics of
+        # real tokens do not depend on the tokenizer's padding side.
+        ids, mask = pad_sentences(batches_np[i], pad_id, "right")
         return Batch(ids, mask, first_sentence=i * cfg.batch_size)
 
     # Sketch calibration on batch 0, identical on every rank (and across resumes: edges are checkpointed).

@@ -89,6 +89,8 @@ def train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progre
     """Train tokenizer and model; write the HF directory to ``out``; return the training record."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .collect import quiet_transformers
+    quiet_transformers()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "langneurons_train.json").is_file():
         raise UserError(f"--out {out} exists and is not a tiny-train model directory; choose a new directory")

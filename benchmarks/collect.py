@@ -1,0 +1,196 @@
+"""Collection overhead, memory and sketch accuracy, measured side by side in one run.
+
+Model: random-weight Llama, 8 layers, hidden 512, intermediate 1408, vocab 32000, float32, 2 threads;
+batches of 8 windows x 256 tokens. Prints time ratios against a bare forward pass over the same
+windows (``model(input_ids)``, the full causal LM, and ``model.model(input_ids)``, the decoder stack
+that collect runs, without the LM head) for:
+
+- collect with counts and moments only (``--sketch-bins 0``);
+- collect with the quantile sketch (``quantile`` edges, the default; and ``uniform`` edges);
+- a straightforward hook implementation (float64 casts and separate reductions per statistic);
+- nnsight tracing, when nnsight is installed.
+
+Then peak memory (RSS, separate processes) at N and 4N tokens, and the sketch's P10/P50/P90 error
+in percentile points against exact quantiles of the same activations (all neurons of every layer).
+
+    python benchmarks/collect.py [--batches 6] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from langneurons.arch import Adapter
+from langneurons.collect import Batch, Collector
+from langneurons.hooks import observe
+from langneurons.stats import LanguageStats
+
+
+def build_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 32000, (8, 256), generator=g) for _ in range(n)]
+
+
+def time_it(fn, data):
+    t = time.perf_counter()
+    with torch.no_grad():
+        for ids in data:
+            fn(ids)
+    return time.perf_counter() - t
+
+
+def naive_collector(model, adapter):
+    """What one writes first: cast to float64 and reduce each statistic separately."""
+    L, I = adapter.num_layers, adapter.width
+    acc = {"count": torch.zeros(L, I, dtype=torch.int64), "sum": torch.zeros(L, I, dtype=torch.float64),
+           "sumsq": torch.zeros(L, I, dtype=torch.float64)}
+
+    def fn(layer, t):
+        x = t.reshape(-1, I).double()
+        acc["count"][layer] += (x > 0).sum(0)
+        acc["sum"][layer] += x.sum(0)
+        acc["sumsq"][layer] += (x ** 2).sum(0)
+
+    def run(ids):
+        with observe(adapter, "act", fn):
+            model.model(input_ids=ids, use_cache=False)
+    return run
+
+
+def collector_fn(model, adapter, bins, kind="quantile"):
+    c = Collector(model, adapter, "act", torch.device("cpu"))
+    c.stats = LanguageStats(adapter.num_layers, adapter.width, sketch_bins=bins, sketch_kind=kind)
+    return lambda ids: c.run_batch(Batch(ids, None))
+
+
+def nnsight_fn(model, adapter):
+    try:
+        from nnsight import NNsight
+    except ImportError:
+        return None
+    wrapped = NNsight(model)
+    L, I = adapter.num_layers, adapter.width
+    count = torch.zeros(L, I, dtype=torch.int64)
+
+    def run(ids):
+        with wrapped.trace(ids):
+            saved = [wrapped.model.layers[l].mlp.act_fn.output.save() for l in range(L)]
+        for l, s in enumerate(saved):
+            v = s.value if hasattr(s, "value") else s
+            count[l] += (v.reshape(-1, I) > 0).sum(0)
+    return run
+
+
+def child_peak_rss(n_batches: int) -> None:
+    """Run collect on n batches in this process and print the peak RSS (KiB)."""
+    torch.set_num_threads(2)
+    model = build_model()
+    adapter = Adapter(model)
+    run = collector_fn(model, adapter, 128)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(n_batches):  # windows are generated on the fly, as collect streams them
+            run(torch.randint(3, 32000, (8, 256), generator=g))
+    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def sketch_accuracy(model, adapter, data):
+    L, I = adapter.num_layers, adapter.width
+    ls = LanguageStats(L, I, sketch_bins=128)
+    acts = [[] for _ in range(L)]
+
+    def fn(layer, t):
+        x = t.reshape(-1, I).float()
+        ls.add_layer(layer, x)
+        acts[layer].append(x.clone())
+    with torch.no_grad():
+        for ids in data:
+            with observe(adapter, "act", fn):
+                model.model(input_ids=ids, use_cache=False)
+            ls.add_tokens(ids.numel())
+    worst = {}
+    for p in (0.1, 0.5, 0.9):
+        q = ls.quantile(p).float()
+        errs = []
+        for l in range(L):
+            X = torch.cat(acts[l])
+            lo = (X < q[l]).double().mean(0)
+            hi = (X <= q[l]).double().mean(0)
+            errs.append(((lo - p).clamp_min(0) + (p - hi).clamp_min(0)).max() * 100)
+        worst[p] = float(torch.stack(errs).max())
+    return worst, len(data) * 8 * 256
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child_peak_rss(args.child)
+        return
+    torch.set_num_threads(2)
+    model = build_model()
+    adapter = Adapter(model)
+    data = batches(args.batches)
+    variants = {
+        "forward (full LM)": lambda ids: model(input_ids=ids, use_cache=False),
+        "forward (decoder stack)": lambda ids: model.model(input_ids=ids, use_cache=False),
+        "collect: counts+moments": collector_fn(model, adapter, 0),
+        "collect: + quantile sketch": collector_fn(model, adapter, 128, "quantile"),
+        "collect: + uniform sketch": collector_fn(model, adapter, 128, "uniform"),
+        "straightforward hooks": naive_collector(model, adapter),
+    }
+    nn = nnsight_fn(model, adapter)
+    if nn is not None:
+        variants["nnsight trace"] = nn
+    with torch.no_grad():
+        for fn in variants.values():  # warm-up
+            fn(data[0])
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+        for k, fn in variants.items():
+            times[k].append(time_it(fn, data))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = args.batches * 8 * 256
+    print(f"collect benchmark: Llama 8x512 (I=1408, vocab 32000), float32, 2 threads, batch 8x256, "
+          f"{tokens} tokens per pass, median of {args.repeats}")
+    print(f"{'variant':30s} {'seconds':>8s} {'tok/s':>9s} {'/ full LM':>10s} {'/ decoder':>10s}")
+    for k, v in med.items():
+        print(f"{k:30s} {v:8.3f} {tokens / v:9.0f} {v / med['forward (full LM)']:10.3f} "
+              f"{v / med['forward (decoder stack)']:10.3f}")
+    if nn is None:
+        print("nnsight: not installed (pip install nnsight to include it)")
+
+    rss = {}
+    for n in (4, 16):
+        out = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
+        rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+    print(f"peak RSS: {rss[4] / 1024:.0f} MiB at {4 * 2048} tokens, {rss[16] / 1024:.0f} MiB at {16 * 2048} tokens "
+          f"(growth {100 * (rss[16] / rss[4] - 1):+.1f}% for 4x tokens; target <= 5%)")
+
+    worst, n = sketch_accuracy(model, adapter, data[:4])
+    print(f"sketch (128 quantile bins) vs exact quantiles over {n} tokens x {adapter.num_layers * adapter.width} "
+          "neurons, worst neuron, percentile points: " + ", ".join(f"P{int(p * 100)} {e:.3f}" for p, e in worst.items())
+          + " (target <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""``langneurons ppl``: the deactivation perplexity matrix."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "perplexity matrix: deactivate each language's neurons, evaluate every language (+ baseline, random controls)"
+
+EPILOG = """\
+Rows: the baseline, one row per language of the neuron set (its neurons written by --operator,
+zero by default) and, per --random-seeds seed, a matched random control of every language (same
+count per layer, drawn outside every language set). Columns: the --lang languages, evaluated on
+the same held-out windows for every row (tokenised once, seeded subset with --max-tokens).
+PPL = exp(mean NLL over predicted tokens).
+
+OUT gets ppl.json (ppl, mean_nll, delta_ppl, delta_nll, diagonal dominance, per-seed controls,
+settings) and ppl.png (delta NLL heatmap).
+
+example:
+  langneurons ppl --model runs/model --neurons runs/lape.json --lang en=heldout/en.txt \\
+      --lang zh=heldout/zh.txt --out runs/ppl --window 512 --max-tokens 100000 --random-seeds 0,1,2
+"""
+
+
+def _seeds(text: str) -> list[int]:
+    from ..errors import UserError
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--random-seeds {text!r} must be comma-separated integers, e.g. 0,1,2 (or none)") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ppl", help=HELP, description=HELP, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model id or local directory")
+    p.add_argument("--neurons", required=True, type=Path, help="neuron-set JSON file")
+    p.add_argument("--stats", type=Path, default=None,
+                   help="statistics directory (needed by statistic operators such as set:mean)")
+    p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
+                   help="an evaluated language and its held-out text (repeat per language)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--operator", default="zero", help="operator written into the row's neurons [zero]")
+    p.add_argument("--site", default="act", help="site written: pre | act (default) | product")
+    p.add_argument("--rows", default=None, help="comma-separated languages of the neuron set to use as rows [all]")
+    p.add_argument("--random-seeds", default="0,1,2", help="seeds of matched random-control rows, or none [0,1,2]")
+    p.add_argument("--window", type=int, default=512, help="tokens per evaluation window [512]")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per language (seeded subset of windows)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    p.add_argument("--seed", type=int, default=0, help="window selection seed [0]")
+    p.add_argument("--cache-dir", type=Path, default=None, help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
+    p.add_argument("--no-cache", action="store_true", help="do not cache token streams")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..corpus import default_cache_dir, parse_lang_args
+    from ..ppl import PPLConfig, print_summary, run_ppl
+    rows = [c.strip() for c in args.rows.split(",") if c.strip()] if args.rows else None
+    cfg = PPLConfig(model=args.model, neurons=args.neurons, languages=parse_lang_args(args.lang), out=args.out,
+                    stats=args.stats, operator=args.operator, site=args.site, rows=rows,
+                    random_seeds=_seeds(args.random_seeds), window=args.window, max_tokens=args.max_tokens,
+                    batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
+                    cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+                    progress=not args.quiet)
+    record = run_ppl(cfg)
+    print_summary(record)
+    print(str(args.out / "ppl.json"))
+    return 0

@@ -1,0 +1,224 @@
+"""``langneurons steer``: generate under an intervention, or score steering (LSS, generation share)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "steer generation toward a language with its neurons; score steering (LSS, generation share, sweep)"
+
+EPILOG = """\
+Two modes.
+
+1. Print generations (no --out): --target CODE, --operator OP, and --prompt TEXT (repeatable) or
+   --prompts FILE (one prompt per line). --baseline also prints the unsteered continuation.
+
+2. Score steering (--out DIR): with parallel cloze data (--cloze FILE.jsonl, --mlama DIR or
+   --muse DIR) the Language Steering Shift LSS(s->t) = mean_i [D1 - D0 > 0] with
+   D = ll(o_t | q_s) - ll(o_s | q_s) (D1 under t's neurons written by the operator); with
+   --generation the share of sampled generations from neutral prompts that an offline language
+   identifier (langid) assigns to the target. --sweep tries several operators and picks the best
+   per target. Writes DIR/steer.json and DIR/steer.png (+ steer_operators.png for several operators).
+
+Cloze JSONL (one item per line):
+  {"id": "1", "lang": {"en": {"prompt": "Einstein was born in", "object": "Ulm"},
+                       "zh": {"prompt": "爱因斯坦出生于", "object": "乌尔姆", "sep": ""}}}
+mLAMA layout: ROOT/<lang>/templates.jsonl ({"relation", "template"} with [X] and [Y]) and
+ROOT/<lang>/<relation>.jsonl ({"sub_label", "obj_label", "uuid"}).
+MUSE: a directory with en-xx.txt dictionaries ("english_word other_word" per line).
+
+Operators: zero, set:STAT[*A], set:CONST, scale:A, add:STAT[*A], set:batch-max, add:batch-max,
+set:batch-p10 (STAT: mean, std, pXX, p_max, p_median; p_max/p_median need sentence statistics).
+
+examples:
+  langneurons steer --model M --neurons lape.json --stats stats-sent --target zh --operator set:p_max \\
+      --prompt "The weather today" --max-new-tokens 30
+  langneurons steer --model M --neurons lape.json --stats stats-sent --muse data/muse --languages en,fr,zh \\
+      --sweep --generation --out runs/steer
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("steer", help=HELP, description=HELP, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model id or local directory")
+    p.add_argument("--neurons", required=True, type=Path, help="neuron-set JSON file")
+    p.add_argument("--stats", type=Path, default=None, help="statistics directory (statistic operators)")
+    p.add_argument("--operator", default="set:p_max",
+                   help="operator, or a comma-separated list in scoring mode [set:p_max]")
+    p.add_argument("--site", default="act", help="site written: pre | act (default) | product")
+    p.add_argument("--positions", default="all", help="all (default) | prompt | generated | last")
+    p.add_argument("--batch-scope", default="batch", choices=("batch", "sequence"),
+                   help="pooling of batch-* operators: the whole batch ([R25], default) or each sequence")
+    g = p.add_argument_group("print mode")
+    g.add_argument("--target", action="append", default=None, help="language to steer toward (repeatable)")
+    g.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    g.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
+    g.add_argument("--baseline", action="store_true", help="also print the unsteered continuation")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    s = p.add_argument_group("scoring mode")
+    s.add_argument("--out", type=Path, default=None, help="output directory (turns scoring mode on)")
+    s.add_argument("--languages", default=None, help="comma-separated languages (sources and targets)")
+    s.add_argument("--cloze", type=Path, default=None, help="parallel cloze JSONL file")
+    s.add_argument("--mlama", type=Path, default=None, help="mLAMA-layout directory")
+    s.add_argument("--mlama-mode", default="prefix", choices=("prefix", "remove"),
+                   help="prompt = template cut before [Y] (default) or with ' [Y]' removed")
+    s.add_argument("--muse", type=Path, default=None, help="directory of MUSE en-xx.txt dictionaries")
+    s.add_argument("--items", type=int, default=100, help="cloze items (MUSE builder / mLAMA cap) [100]")
+    s.add_argument("--sweep", action="store_true", help="also try the default operator sweep; best per target")
+    s.add_argument("--generation", action="store_true", help="generation-based score (needs langid)")
+    s.add_argument("--neutral-prompts", type=Path, default=None, help="file of neutral prompts, one per line")
+    s.add_argument("--samples", type=int, default=8, help="sampled generations per neutral prompt [8]")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate [32]")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass [16]")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the MUSE builder [0]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=run)
+
+
+def _lines(path: Path) -> list[str]:
+    from ..errors import UserError
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a text file with one prompt per line")
+    return [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def run(args) -> int:
+    from ..collect import DTYPES, load_model, resolve_device, resolve_dtype
+    from ..errors import UserError
+    from ..neuronset import NeuronSet
+    from ..stats import ActivationStats
+
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.samples < 1 or args.items < 1:
+        raise UserError("--max-new-tokens, --batch-size, --samples and --items must be at least 1")
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {args.dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
+    ns = NeuronSet.load(args.neurons)
+    stats = ActivationStats.load(args.stats) if args.stats is not None else None
+    operators = [o.strip() for o in args.operator.split(",") if o.strip()]
+    if args.out is None:
+        return _print_mode(args, ns, stats, operators)
+
+    from .. import steer as S
+    sources = [x for x in (args.cloze, args.mlama, args.muse) if x is not None]
+    if len(sources) > 1:
+        raise UserError("give at most one of --cloze, --mlama and --muse")
+    if not sources and not args.generation:
+        raise UserError("scoring mode needs cloze data (--cloze, --mlama or --muse) and/or --generation")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give a directory")
+    if args.languages:
+        langs = [c.strip() for c in args.languages.split(",") if c.strip()]
+    else:
+        langs = ns.languages
+    unknown = [c for c in langs if c not in ns.neurons]
+    if unknown:
+        raise UserError(f"unknown language(s) {', '.join(unknown)}: the neuron set {args.neurons} has "
+                        f"{', '.join(ns.languages)}")
+    if len(langs) < 2:
+        raise UserError("steering scores need at least two languages (--languages a,b,...)")
+    items = None
+    data = {}
+    if args.cloze is not None:
+        items = S.load_cloze_jsonl(args.cloze, langs)
+        data = {"kind": "cloze", "path": str(args.cloze)}
+    elif args.mlama is not None:
+        items = S.load_mlama(args.mlama, langs, mode=args.mlama_mode, max_items=args.items)
+        data = {"kind": "mlama", "path": str(args.mlama), "mode": args.mlama_mode}
+    elif args.muse is not None:
+        items = S.build_muse_cloze(args.muse, langs, n_items=args.items, seed=args.seed)
+        data = {"kind": "muse", "path": str(args.muse), "context_words": 3, "seed": args.seed}
+    if items is not None:
+        data["items"] = len(items)
+        have = {c for it in items for c in it.prompts}
+        missing = [c for c in langs if c not in have]
+        if missing:
+            raise UserError(f"the cloze data has no item in {', '.join(missing)}; drop them from --languages")
+    if args.generation:
+        from ..langid import LanguageIdentifier
+        LanguageIdentifier(langs)  # fails early on a missing package or an unknown language
+    ops = list(dict.fromkeys(operators + (list(S.DEFAULT_SWEEP) if args.sweep else [])))
+    ivs, skipped = S.build_interventions(ns, stats, langs, ops, site=args.site, positions=args.positions,
+                                         batch_scope=args.batch_scope, strict=not args.sweep)
+    if not ivs:
+        raise UserError(f"no operator is usable with these statistics ({'; '.join(skipped.values())})")
+    prompts = _lines(args.neutral_prompts) if args.neutral_prompts else list(S.DEFAULT_NEUTRAL_PROMPTS)
+
+    device = resolve_device(args.device)
+    model, tok = load_model(args.model, device, resolve_dtype(args.dtype, device))
+    from ..arch import Adapter
+    adapter = Adapter(model)
+    ns.validate_for(adapter.num_layers, adapter.width)
+    ev = S.evaluate_steering(model, tok, ivs, langs, items=items, generation=args.generation,
+                             neutral_prompts=prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed, batch_size=args.batch_size, adapter=adapter, progress=not args.quiet)
+    settings = {"model": args.model, "neurons": str(args.neurons), "stats": str(args.stats) if args.stats else None,
+                "site": args.site, "positions": args.positions, "batch_scope": args.batch_scope,
+                "operators": list(ivs), "data": data, "samples": args.samples,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
+                "neutral_prompts": prompts if args.generation else None}
+    record = S.steer_record(ev, langs, settings, skipped)
+    from ..stats import atomic_write_text
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "steer.json", json.dumps(record, indent=1, ensure_ascii=False))
+    S.plot_steer(record, args.out)
+    _print_summary(record)
+    print(str(args.out / "steer.json"))
+    return 0
+
+
+def _print_summary(record: dict) -> None:
+    langs = record["languages"]
+    print("operator".ljust(18) + "".join(t.rjust(8) for t in langs) + "    mean")
+    for op, r in record["operators"].items():
+        if "lss_by_target" in r:
+            vals = r["lss_by_target"]
+            mean = r["lss_mean"]
+            tag = "LSS"
+        else:
+            vals = r["generation"]["share"]
+            mean = r["generation"]["share_mean"]
+            tag = "share"
+        cells = "".join(("-" if vals.get(t) is None else f"{vals[t]:.2f}").rjust(8) for t in langs)
+        print(f"{op} ({tag})"[:18].ljust(18) + cells + ("-" if mean is None else f"{mean:.3f}").rjust(8))
+    if record.get("best"):
+        print("best per target: " + ", ".join(f"{t}={b['operator']}" for t, b in record["best"].items() if b))
+
+
+def _print_mode(args, ns, stats, operators) -> int:
+    from ..collect import load_model, resolve_device, resolve_dtype
+    from ..errors import UserError
+    from ..intervene import Intervention
+    from ..steer import generate_texts
+    if not args.target:
+        raise UserError("print mode needs --target CODE (or give --out DIR to score steering)")
+    if len(operators) != 1:
+        raise UserError("print mode takes one --operator")
+    prompts = list(args.prompt or []) + (_lines(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
+    targets = [c.strip() for t in args.target for c in t.split(",") if c.strip()]
+    ivs = {t: Intervention(neurons=ns, languages=[t], operator=operators[0], stats=stats, site=args.site,
+                           positions=args.positions, batch_scope=args.batch_scope) for t in targets}
+    device = resolve_device(args.device)
+    model, tok = load_model(args.model, device, resolve_dtype(args.dtype, device))
+    from ..arch import Adapter
+    adapter = Adapter(model)
+    ns.validate_for(adapter.num_layers, adapter.width)
+    kw = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
+              adapter=adapter)
+    base = generate_texts(model, tok, prompts, **kw) if args.baseline else None
+    for t, iv in ivs.items():
+        outs = generate_texts(model, tok, prompts, intervention=iv, **kw)
+        print(f"=== target {t}: {iv.describe()} ===")
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            print(f"[{i + 1}] {p}")
+            if base is not None:
+                print(f"  baseline: {base[i]}")
+            print(f"  steered:  {o}")
+    sys.stdout.flush()
+    return 0
