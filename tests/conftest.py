@@ -1,8 +1,9 @@
 """Shared fixtures: real data location, and tiny trained models cached across test runs.
 
 Trained models and their statistics are cached under ``$LANGNEURONS_TEST_CACHE`` (default
-``<repo>/.cache/tests``), keyed by the training code, the corpus and the settings, so only the
-first run of a fresh checkout pays for training (about a minute each on two cores).
+``<repo>/.cache/tests``), keyed by ``TRAINER_VERSION``/``COLLECT_VERSION``, the corpus and the
+settings, so only the first run of a fresh checkout pays for training (about a minute each on two
+cores). Bump those versions when a change alters what training or collection produce.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _train(lang_files: dict[str, list[Path]], name: str, steps: int) -> Path:
     import langneurons.tiny as tiny_mod
     files = [f for fs in lang_files.values() for f in fs]
     cfg = TinyConfig(steps=steps, seed=0)
-    key = _key(Path(tiny_mod.__file__), repr(cfg), *files, *lang_files)
+    key = _key(tiny_mod.TRAINER_VERSION, repr(cfg), *files, *lang_files)
     target = CACHE / f"{name}-{key}"
 
     def build(tmp: Path):
@@ -110,7 +111,7 @@ def _collect(model_dir: Path, lang_files: dict[str, list[Path]], name: str, **kw
     import langneurons.collect as collect_mod
     import langneurons.stats as stats_mod
     settings = dict(window=64, max_tokens=16384, batch_size=16, sketch_bins=64, **kw)
-    key = _key(model_dir, Path(collect_mod.__file__), Path(stats_mod.__file__), repr(sorted(settings.items())),
+    key = _key(model_dir, collect_mod.COLLECT_VERSION, stats_mod.STATS_FORMAT, repr(sorted(settings.items())),
                *[f for fs in lang_files.values() for f in fs])
     target = CACHE / f"{name}-{key}"
 

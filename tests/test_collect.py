@@ -23,7 +23,12 @@ from conftest import DEMO_CORPUS
 PY = sys.executable
 
 
+def _run_in_process(args):
+    assert main(list(args)) == 0
+
+
 def _run_cli(args, env=None, check=True):
+    """A separate process (only for what needs one: SIGKILL, torchrun)."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     r = subprocess.run([PY, "-m", "langneurons", *args], capture_output=True, text=True, env=e)
     if check and r.returncode != 0:
@@ -104,7 +109,7 @@ def test_sentence_mode_independent_of_padding_side_and_batch_size(model_type, si
 
 def test_sentence_unit_cli_records_patch_values(demo_model, tmp_path):
     out = tmp_path / "sent"
-    _run_cli(["collect", "--model", str(demo_model), "--out", str(out), "--unit", "sentence", "--sentences", "20",
+    _run_in_process(["collect", "--model", str(demo_model), "--out", str(out), "--unit", "sentence", "--sentences", "20",
               "--max-tokens", "3000", "--batch-size", "8", "--quiet", "--no-cache",
               "--lang", f"fr={DEMO_CORPUS / 'fr.txt'}"])
     st = ActivationStats.load(out)
@@ -118,7 +123,7 @@ def test_sentence_unit_cli_records_patch_values(demo_model, tmp_path):
 # ------------------------------------------------------------------ CLI, resume, torchrun
 def test_collect_writes_the_documented_layout(demo_model, tmp_path):
     out = tmp_path / "stats"
-    _run_cli(_collect_args(demo_model, out))
+    _run_in_process(_collect_args(demo_model, out))
     meta = json.loads((out / "stats.json").read_text())
     assert meta["model"]["num_layers"] == 4 and meta["model"]["site"] == "act"
     assert set(meta["languages"]) == {"en", "zh", "ru"}
@@ -131,26 +136,30 @@ def test_collect_writes_the_documented_layout(demo_model, tmp_path):
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(demo_model, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run_cli(_collect_args(demo_model, ref))
-    r = _run_cli(_collect_args(demo_model, run, "--checkpoint-every", "1e9"),
-                 env={"LANGNEURONS_FAULT_AFTER_BATCHES": "5"}, check=False)
+    langs = ("en", "zh")
+    _run_in_process(_collect_args(demo_model, ref, langs=langs))
+    # 2048 tokens / (4 x 32) = 16 batches per language: killed in the middle of zh, after en finished
+    r = _run_cli(_collect_args(demo_model, run, "--checkpoint-every", "1e9", langs=langs),
+                 env={"LANGNEURONS_FAULT_AFTER_BATCHES": "21"}, check=False)
     assert r.returncode == -9  # killed by SIGKILL mid-language
-    assert (run / ".partial").is_dir()
-    _run_cli(_collect_args(demo_model, run))
-    for c in ("en", "zh", "ru"):
+    assert (run / ".partial").is_dir() and (run / "en.safetensors").is_file()
+    assert not (run / "zh.safetensors").exists()
+    assert list(json.loads((run / "stats.json").read_text())["languages"]) == ["en"]
+    _run_in_process(_collect_args(demo_model, run, langs=langs))
+    for c in langs:
         a, b = _tensors(ref, c), _tensors(run, c)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (c, k)
     # a rerun of a finished command changes nothing
     before = (run / "en.safetensors").stat().st_mtime_ns
-    _run_cli(_collect_args(demo_model, run))
+    _run_in_process(_collect_args(demo_model, run, langs=langs))
     assert (run / "en.safetensors").stat().st_mtime_ns == before
 
 
 def test_torchrun_two_processes_equal_one(demo_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run_cli(_collect_args(demo_model, one, langs=("en", "ja")))
+    _run_in_process(_collect_args(demo_model, one, langs=("en", "ja")))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                         "-m", "langneurons", *_collect_args(demo_model, two, langs=("en", "ja"))],
@@ -195,7 +204,7 @@ def test_bad_input_is_one_line_exit_2(demo_model, tmp_path, capsys):
 
 def test_out_with_statistics_of_another_model_is_refused(demo_model, tmp_path, capsys):
     out = tmp_path / "stats"
-    _run_cli(_collect_args(demo_model, out, langs=("en",)))
+    _run_in_process(_collect_args(demo_model, out, langs=("en",)))
     before = (out / "en.safetensors").read_bytes()
     other = tmp_path / "other"
     shutil.copytree(demo_model, other)
@@ -227,7 +236,7 @@ def test_moe_model_is_refused_on_the_command_line(demo_model, tmp_path, capsys):
 
 def test_corrupted_statistics_file_on_load(demo_model, tmp_path, capsys):
     out = tmp_path / "stats"
-    _run_cli(_collect_args(demo_model, out, langs=("en",)))
+    _run_in_process(_collect_args(demo_model, out, langs=("en",)))
     p = out / "en.safetensors"
     p.write_bytes(p.read_bytes()[:100])
     from langneurons.errors import UserError

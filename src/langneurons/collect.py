@@ -39,6 +39,9 @@ from .hooks import check_fired, observe
 from .stats import (DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats, LanguageStats,
                     atomic_save_tensors, atomic_write_text, calibration_edges)
 
+#: Bump when a change alters the statistics the same command collects (caches key on it).
+COLLECT_VERSION = 1
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
@@ -249,6 +252,7 @@ class Collector:
         self._sentence_mask: Optional[torch.Tensor] = None
         self._first_sentence = 0
         self._calibrate_only = False
+        self.batches_run = 0
 
     def _observe(self, layer: int, t: torch.Tensor) -> None:
         ls = self.stats
@@ -286,6 +290,7 @@ class Collector:
             self.base(input_ids=ids, use_cache=False, **forward_kwargs(self.base, mask))
         check_fired(calls, list(range(self.adapter.num_layers)))
         if not self._calibrate_only:
+            self.batches_run += 1
             self.stats.add_tokens(n)
             if mask is not None:
                 self.stats.add_sentences(ids.shape[0])
@@ -443,18 +448,20 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
 
     mine = [i for i in range(len(batches_np)) if i % world == rank]
     todo = [i for i in mine if i >= next_batch]
-    fault = int(os.environ.get("LANGNEURONS_FAULT_AFTER_BATCHES", "0"))  # test hook: SIGKILL after N batches
+    # test hook: checkpoint, then SIGKILL this process after its N-th batch (counted over all languages)
+    fault = int(os.environ.get("LANGNEURONS_FAULT_AFTER_BATCHES", "0"))
     bar = _progress(cfg, rank, code, total_tokens // world, done_tokens=(len(mine) - len(todo)) * (total_tokens // max(1, len(batches_np))))
     last_ckpt = time.monotonic()
-    for n_done, i in enumerate(todo, 1):
+    for i in todo:
         n = collector.run_batch(make_batch(i))
         if bar is not None:
             bar.update(n)
-        if time.monotonic() - last_ckpt >= cfg.checkpoint_every or (fault and n_done == fault):
+        crash = fault and collector.batches_run == fault
+        if time.monotonic() - last_ckpt >= cfg.checkpoint_every or crash:
             ls.save(ckpt)
             atomic_write_text(ckpt_meta, json.dumps({"key": key, "next_batch": i + 1}))
             last_ckpt = time.monotonic()
-        if fault and n_done == fault:
+        if crash:
             os.kill(os.getpid(), signal.SIGKILL)
     if bar is not None:
         bar.close()

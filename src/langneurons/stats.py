@@ -90,6 +90,7 @@ class LanguageStats:
         self.sentence_mean = (torch.zeros(self.max_sentences, L, I, dtype=torch.float32, **kw)
                               if sentences else None)
         self._calibrated = [False] * L
+        self._version = 0  # bumped by every change, so derived tables are rebuilt
 
     # ------------------------------------------------------------------ accumulation
     def add_layer(self, layer: int, x: torch.Tensor) -> None:
@@ -134,6 +135,7 @@ class LanguageStats:
         """Fix the sketch edges ``[I, B + 1]`` (non-decreasing per neuron) of ``layer``."""
         self.edges[layer] = edges.to(self.device, torch.float32)
         self._calibrated[layer] = True
+        self._version += 1
         self._refresh_affine(layer)
 
     def _refresh_affine(self, layer: int) -> None:
@@ -144,6 +146,7 @@ class LanguageStats:
 
     def add_tokens(self, n: int) -> None:
         self.n_tokens += int(n)
+        self._version += 1
 
     def add_sentence_means(self, layer: int, means: torch.Tensor, first_index: int) -> None:
         """Store per-sentence mean activations ``[b, I]`` of sentences ``first_index ...``."""
@@ -178,6 +181,7 @@ class LanguageStats:
         torch.maximum(self.vmax, other.vmax.to(self.device), out=self.vmax)
         if self.sketch_bins:
             self.hist += other.hist.to(self.device)
+        self._version += 1
         if self.sentence_mean is not None and other.sentence_mean is not None:
             # sentence indices are global: shards fill disjoint rows
             self.sentence_mean += other.sentence_mean.to(self.device)
@@ -261,26 +265,39 @@ class LanguageStats:
             raise UserError("these statistics were collected without a quantile sketch; "
                             "collect again without --sketch-bins 0")
 
+    def _cdf_tables(self) -> tuple:
+        """Threshold-independent tables of :meth:`cdf`, built once per state of the statistics.
+
+        Returns float64 ``edges [L, I, B+1]``, bin counts without the exact zeros ``[L, I, B+2]``,
+        their cumulative sums, the lower and upper bound of every bin ``[L, I, B+2]``, the zero
+        count and the total ``[L, I]``.
+        """
+        key = self._version
+        if getattr(self, "_tables_key", None) == key:
+            return self._tables
+        e = self.edges.double()
+        zeros = (self.n_tokens - self.count_pos - self.count_neg).double()
+        # take the exact zeros out of the bin they were counted in: they are a point mass
+        b0 = torch.searchsorted(e, torch.zeros_like(e[..., :1]), right=True)
+        counts = self.hist.double().scatter_add(-1, b0, -zeros.unsqueeze(-1))
+        cum = counts.cumsum(-1)
+        lo_all = torch.cat([torch.minimum(self.vmin.double(), e[..., 0]).unsqueeze(-1), e], -1)
+        hi_all = torch.cat([e, torch.maximum(self.vmax.double(), e[..., -1]).unsqueeze(-1)], -1)
+        self._tables = (e, counts, cum, lo_all, hi_all, zeros, cum[..., -1] + zeros)
+        self._tables_key = key
+        return self._tables
+
     def cdf(self, threshold: torch.Tensor) -> torch.Tensor:
         """Fraction of tokens with activation ``<= threshold`` (per-neuron ``[L, I]``), float64.
 
         Exact zeros are a point mass (``n - count_pos - count_neg`` tokens); every other token is
-        spread uniformly inside its bin, the outer bins reaching to ``vmin`` and ``vmax``.
+        spread uniformly inside its bin: bin 0 is ``[min(vmin, e_0), e_0)``, bin ``k`` is
+        ``[e_{k-1}, e_k)`` and bin ``B + 1`` is ``[e_B, max(vmax, e_B)]``.
         """
         self._require_sketch()
+        e, counts, cum, lo_all, hi_all, zeros, total = self._cdf_tables()
         t = torch.as_tensor(threshold, device=self.device).double().expand(self.num_layers, self.width)
-        e = self.edges.double()
-        counts = self.hist.double()
-        zeros = (self.n_tokens - self.count_pos - self.count_neg).double()
-        # take the zeros out of the bin they were counted in
-        b0 = torch.searchsorted(e, torch.zeros_like(e[..., :1]), right=True)
-        counts = counts.scatter_add(-1, b0, -zeros.unsqueeze(-1))
-        cum = counts.cumsum(-1)
-        total = cum[..., -1] + zeros
-        b = torch.searchsorted(e, t.unsqueeze(-1).contiguous(), right=True)  # bin of t
-        # bin bounds: 0 = [min(vmin, e_0), e_0), k = [e_{k-1}, e_k), B + 1 = [e_B, max(vmax, e_B)]
-        lo_all = torch.cat([torch.minimum(self.vmin.double(), e[..., 0]).unsqueeze(-1), e], -1)
-        hi_all = torch.cat([e, torch.maximum(self.vmax.double(), e[..., -1]).unsqueeze(-1)], -1)
+        b = (e <= t.unsqueeze(-1)).sum(-1, keepdim=True)  # bin of t (searchsorted right; faster on CPU)
         b_lo, b_hi = lo_all.gather(-1, b).squeeze(-1), hi_all.gather(-1, b).squeeze(-1)
         width = b_hi - b_lo
         frac = torch.where(width > 0, (t - b_lo) / width.clamp_min(1e-300), torch.ones_like(width)).clamp(0, 1)
@@ -289,15 +306,29 @@ class LanguageStats:
         out = below + frac * inside + torch.where(t >= 0, zeros, torch.zeros_like(zeros))
         return torch.where(total > 0, out / total.clamp_min(1), torch.zeros_like(out))
 
-    def quantile(self, q: float, iters: int = 64) -> torch.Tensor:
+    def quantile(self, q: float) -> torch.Tensor:
         """Global ``q``-quantile (``0 <= q <= 1``) of every neuron, float64 ``[L, I]``.
 
-        The smallest ``t`` with ``cdf(t) >= q``, found by bisection on the sketch CDF.
+        The smallest ``t`` with ``cdf(t) >= q``, by inverting the piecewise-linear CDF directly:
+        the target count ``r = q n`` falls below the zeros (negative ``t``), on the point mass of
+        exact zeros (``t = 0``) or above it.
         """
         self._require_sketch()
         if not 0.0 <= q <= 1.0:
             raise UserError(f"quantile {q} is outside [0, 1]")
-        return _bisect_cdf([self], torch.ones(1, dtype=torch.float64), q, iters)
+        e, counts, cum, lo_all, hi_all, zeros, total = self._cdf_tables()
+        r = q * total
+        below_zero = self.cdf(torch.zeros(self.num_layers, self.width, dtype=torch.float64, device=self.device))
+        c0 = below_zero * total - zeros  # continuous mass at or below 0
+        target = torch.where(r <= c0, r, r - zeros).clamp_min(0)
+        k = (cum < target.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(counts.shape[-1] - 1)
+        inside = counts.gather(-1, k).squeeze(-1)
+        before = cum.gather(-1, k).squeeze(-1) - inside
+        frac = torch.where(inside > 0, (target - before) / inside.clamp_min(1e-300), torch.zeros_like(inside))
+        lo_k, hi_k = lo_all.gather(-1, k).squeeze(-1), hi_all.gather(-1, k).squeeze(-1)
+        t = lo_k + frac.clamp(0, 1) * (hi_k - lo_k)
+        t = torch.where((r > c0) & (r <= c0 + zeros), torch.zeros_like(t), t)
+        return torch.where(total > 0, t, torch.zeros_like(t))
 
     def frac_above(self, threshold: torch.Tensor) -> torch.Tensor:
         """Fraction of tokens with activation ``> threshold`` (float64 ``[L, I]``)."""
@@ -341,11 +372,12 @@ def calibration_edges(x: torch.Tensor, bins: int, kind: str = "quantile") -> tor
     return edges
 
 
-def pooled_quantile(stats: Iterable[LanguageStats], q: float, iters: int = 64) -> torch.Tensor:
+def pooled_quantile(stats: Iterable[LanguageStats], q: float, iters: int = 48) -> torch.Tensor:
     """The ``q``-quantile of the pooled token distribution of several languages, ``[L, I]``.
 
-    Solves ``sum_k n_k F_k(t) / sum_k n_k = q`` per neuron by bisection on the sketch CDFs, so it
-    works for sketches with different ranges (every language is calibrated on its own tokens).
+    Solves ``sum_k n_k F_k(t) / sum_k n_k = q`` per neuron by bisection on the sketch CDFs (48 halvings
+    of ``[min, max]``: far below a bin's width), so it works for sketches with different edges (every
+    language is calibrated on its own tokens).
     """
     stats = list(stats)
     if not stats:

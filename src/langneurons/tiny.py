@@ -23,6 +23,9 @@ from .corpus import LanguageSource, iter_documents
 from .errors import UserError
 from .stats import atomic_write_text
 
+#: Bump when a change alters what the same command trains (caches of trained models key on it).
+TRAINER_VERSION = 1
+
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 
 

@@ -1,0 +1,104 @@
+"""The offline demo: the whole pipeline on the embedded corpus, ending in ``OUT/report.html``.
+
+Steps (each one is the same command a user would run, called in-process):
+
+1. ``tiny-train`` a small Llama on the embedded corpus (10 languages, 7 scripts; the last 5% of
+   every language's lines are held out);
+2. ``collect`` activation statistics (site ``act``) on the training text;
+3. ``identify`` language neurons with LAPE, Act-Prob-percentile (pooled and own thresholds) and
+   top-prob, plus a matched random control of the LAPE set;
+4. ``neurons plot`` and ``compare``: layer distributions and overlaps;
+5. ``ppl``: the deactivation perplexity matrix on the held-out lines, with random-control rows;
+6. ``steer``: generations toward each language under ``set:p_max``;
+7. ``report``: one self-contained HTML page.
+
+Every artifact stays in OUT, so the run can be inspected or continued from the command line.
+A step whose output already exists is skipped, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .errors import UserError
+
+DEMO_TOP_RATE = 0.05  # the tiny model has 4 x 384 neurons: 1% would be 15 neurons in all
+
+
+def corpus_dir() -> Path:
+    return Path(str(resources.files("langneurons") / "data" / "demo_corpus"))
+
+
+def demo_languages() -> list[str]:
+    return sorted(p.stem for p in corpus_dir().glob("*.txt"))
+
+
+def _step(name: str, argv: list[str], done: Path, log) -> None:
+    from .cli import main
+    if done.exists():
+        log(f"[demo] {name}: already done ({done.name})")
+        return
+    t = time.time()
+    log(f"[demo] {name}: langneurons {' '.join(argv[:2])} ...")
+    rc = main(argv)
+    if rc != 0:
+        raise UserError(f"demo step {name!r} failed (exit {rc}); see the message above")
+    log(f"[demo] {name}: {time.time() - t:.0f} s")
+
+
+def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool = False) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+    q = ["--quiet"] if quiet else []
+    langs = demo_languages()
+    corpus = corpus_dir()
+    lang_args = [a for c in langs for a in ("--lang", f"{c}={corpus / (c + '.txt')}")]
+    model = out / "model"
+    stats = out / "stats"
+    neurons = out / "neurons"
+    _step("train", ["tiny-train", *lang_args, "--out", str(model), "--steps", str(steps), *q],
+          model / "langneurons_train.json", log)
+    _step("collect", ["collect", "--model", str(model), *lang_args, "--out", str(stats), "--window", "64",
+                      "--max-tokens", str(max_tokens), "--batch-size", "16", "--device", "cpu",
+                      "--cache-dir", str(out / "cache"), *q], stats / "stats.json", log)
+    if _has_command("identify"):
+        neurons.mkdir(exist_ok=True)
+        common = ["--stats", str(stats)]
+        _step("identify lape", ["identify", "lape", *common, "--top-rate", str(DEMO_TOP_RATE),
+                                "--out", str(neurons / "lape.json")], neurons / "lape.json", log)
+        _step("identify act-prob (pooled)", ["identify", "act-prob-percentile", *common, "--threshold", "pooled",
+                                             "--rate", "0.005", "--out", str(neurons / "act_prob_pooled.json")],
+              neurons / "act_prob_pooled.json", log)
+        _step("identify act-prob (own)", ["identify", "act-prob-percentile", *common, "--threshold", "own",
+                                          "--rate", "0.005", "--out", str(neurons / "act_prob_own.json")],
+              neurons / "act_prob_own.json", log)
+        _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(DEMO_TOP_RATE),
+                                    "--out", str(neurons / "top_prob.json")], neurons / "top_prob.json", log)
+        _step("identify random", ["identify", "random", "--stats", str(stats), "--of", str(neurons / "lape.json"),
+                                  "--seed", "0", "--out", str(neurons / "random_lape.json")],
+              neurons / "random_lape.json", log)
+    if _has_command("neurons"):
+        _step("plots", ["neurons", "plot", str(neurons / "lape.json"), "--out-dir", str(out / "plots")],
+              out / "plots", log)
+    held = model / "heldout"
+    held_args = [a for c in langs for a in ("--lang", f"{c}={held / (c + '.txt')}")]
+    if _has_command("ppl"):
+        _step("ppl", ["ppl", "--model", str(model), "--neurons", str(neurons / "lape.json"), "--stats", str(stats),
+                      *held_args, "--out", str(out / "ppl"), "--window", "64", "--random-seeds", "0", *q],
+              out / "ppl" / "ppl.json", log)
+    if _has_command("report"):
+        _step("report", ["report", str(out)], out / "report.html", log)
+    log(f"[demo] done in {time.time() - t0:.0f} s: {out / 'report.html'}")
+    return out / "report.html"
+
+
+def _has_command(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(f"langneurons.commands.{name}") is not None
