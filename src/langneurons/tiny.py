@@ -154,11 +154,11 @@ def train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progre
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if bar is not None:
         bar.close()
     model.eval()
