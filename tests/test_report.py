@@ -1,0 +1,120 @@
+"""The HTML report: self-contained (inline CSS, base64 images, no scripts or network) and complete."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+import torch
+
+from langneurons.cli import main
+from langneurons.report import render_report
+
+
+def _task_result():
+    rows = [{"lang": "zh", "setting": "none", "neurons_lang": None, "n": 40, "metrics": {"acc": 0.575, "acc_norm": 0.5}},
+            {"lang": "zh", "setting": "self", "neurons_lang": "zh", "n": 40, "metrics": {"acc": 0.425, "acc_norm": 0.45}},
+            {"lang": "it", "setting": "none", "neurons_lang": None, "n": 40, "metrics": {"acc": 0.6125, "acc_norm": 0.6}},
+            {"lang": "it", "setting": "self", "neurons_lang": "it", "n": 40, "metrics": {"acc": 0.55, "acc_norm": 0.5}}]
+    return {"format": "langneurons.task.v1", "task": "xcopa", "description": "XCOPA accuracy",
+            "model": {"name_or_path": "tiny-demo"}, "split": "test", "limit": 40, "shots": 0,
+            "metrics": ["acc", "acc_norm"], "fraction_metrics": ["acc", "acc_norm"], "languages": ["zh", "it"],
+            "intervention": {"operator": "zero", "site": "act", "positions": "all", "neurons": "lape.json"},
+            "rows": rows}
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    from langneurons.neuronset import NeuronSet
+    from langneurons.plots import plot_heatmap
+    d = tmp_path / "run"
+    (d / "neurons").mkdir(parents=True)
+    (d / "stats.json").write_text(json.dumps({
+        "format": "langneurons.stats.v1", "model": {"name_or_path": "tiny-demo", "model_type": "llama",
+                                                   "num_layers": 4, "width": 384, "site": "act"},
+        "unit": "window", "window": 64, "dtype": "float32",
+        "languages": {"en": {"n_tokens": 7104, "n_windows": 111, "source": "en.txt"},
+                      "zh": {"n_tokens": 6528, "n_windows": 102, "source": "zh.txt"}}}))
+    masks = {"en": torch.zeros(4, 384, dtype=torch.bool), "zh": torch.zeros(4, 384, dtype=torch.bool)}
+    masks["en"][0, :3] = True
+    masks["en"][3, :5] = True
+    masks["zh"][2, 10:17] = True
+    NeuronSet.from_masks(masks, {"num_layers": 4, "width": 384, "site": "act", "name_or_path": "tiny-demo"},
+                         {"name": "lape", "params": {"top_rate": 0.01}}).save(d / "neurons" / "lape.json")
+    ppl = {"format": "langneurons.ppl.v1", "rows": ["baseline", "en", "zh"], "columns": ["en", "zh"],
+           "languages": {"rows": ["en", "zh"], "columns": ["en", "zh"]},
+           "ppl": [[12.3456, 20.5], [30.25, 21.0], [13.0, 45.75]],
+           "delta_ppl": [[0.0, 0.0], [17.9044, 0.5], [0.6544, 25.25]],
+           "settings": {"operator": "zero", "neurons": "neurons/lape.json", "neuron_method": "lape", "site": "act",
+                        "window": 64}}
+    (d / "ppl.json").write_text(json.dumps(ppl))
+    plot_heatmap(ppl["delta_ppl"], ppl["rows"], ppl["columns"], d / "ppl.png")
+    (d / "steer.json").write_text(json.dumps({
+        "format": "langneurons.steer.v1", "languages": ["en", "zh"],
+        "operators": {"set:p_max": {"lss": [[None, 0.9375], [0.8125, None]],
+                                    "lss_by_target": {"en": 0.8125, "zh": 0.9375}, "lss_mean": 0.875}},
+        "best": {"en": {"operator": "set:p_max", "value": 0.8125}, "zh": {"operator": "set:p_max", "value": 0.9375}}}))
+    (d / "eval").mkdir()
+    (d / "eval" / "xcopa.json").write_text(json.dumps(_task_result()))
+    plot_heatmap([[1.0, 2.0]], ["a"], ["x", "y"], d / "eval" / "extra.png")
+    (d / "broken.json").write_text("{not json")
+    (d / "model").mkdir()
+    (d / "model" / "config.json").write_text(json.dumps({"vocab_size": 4096, "model_type": "llama"}))
+    (d / "model" / "tokenizer.json").write_text("{}")
+    (d / "model" / "extra_model_file.json").write_text(json.dumps({"secret_marker_value": 1}))
+    return d
+
+
+def test_report_is_self_contained_and_complete(run_dir):
+    path = render_report(run_dir)
+    assert path == run_dir / "report.html"
+    page = path.read_text(encoding="utf-8")
+    # self-contained: no external references of any kind
+    assert re.findall(r'(?:src|href)\s*=\s*["\'](?!data:)', page) == []
+    assert "http" not in page.replace("http-equiv", "")
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3  # ppl.png, the layer plot of the neuron set, eval/extra.png
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    # stats
+    assert "7104" in page and "6528" in page and "tiny-demo" in page
+    # neuron set: per-layer counts and total
+    assert re.search(r"<th class=\"l\">en</th><td>8</td><td>3</td><td>0</td><td>0</td><td>5</td>", page)
+    assert re.search(r"<th class=\"l\">zh</th><td>7</td><td>0</td><td>0</td><td>7</td><td>0</td>", page)
+    # perplexity tables
+    for v in ("12.346", "45.750", "17.904", "25.250"):
+        assert f"<td>{v}</td>" in page
+    # steering
+    assert "<td>0.938</td>" in page and "<td>0.812</td>" in page and "set:p_max" in page
+    # task table in percent, with the setting rows
+    for v in ("57.50", "42.50", "61.25", "55.00"):
+        assert f"<td>{v}</td>" in page
+    assert "zh (n=40)" in page and ">self<" in page
+    # unreadable files are listed, model directories skipped
+    assert "broken.json" in page
+    assert "secret_marker_value" not in page and "extra_model_file" not in page and "vocab_size" not in page
+
+
+def test_report_command_and_errors(run_dir, tmp_path, capsys):
+    out = tmp_path / "elsewhere.html"
+    assert main(["report", str(run_dir), "--out", str(out), "--title", "My run"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert "<title>My run</title>" in out.read_text()
+    rc = main(["report", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "does not exist" in err
+
+
+def test_report_of_empty_dir_and_of_eval_output(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "Nothing to show" in render_report(empty).read_text()
+    # the report of a report directory does not include the previous report
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "xcopa.json").write_text(json.dumps(_task_result()))
+    first = render_report(d).read_text()
+    second = render_report(d).read_text()
+    assert first == second
