@@ -1,0 +1,351 @@
+"""The deactivation perplexity matrix (METHODS.md 4.1, [T24], [M25]).
+
+Rows are interventions (by default: ``zero`` on the neurons of one language), plus the baseline row
+(no intervention) and matched random-control rows (:func:`langneurons.neuronset.random_control`,
+one set per seed, the same number of neurons per language and layer drawn outside every language
+set). Columns are evaluated languages. Every cell is computed on the **same** held-out windows:
+each column's text is tokenised and packed once (:mod:`langneurons.corpus`: documents joined with
+EOS, windows of ``T`` tokens starting with BOS, a seeded subset of ``max_tokens // T`` windows).
+
+For a window ``x_0 .. x_{T-1}`` the predicted tokens are ``x_1 .. x_{T-1}`` (labels at pad positions,
+when a mask is given, are dropped: a label counts iff it and its context token are real). With
+``NLL = -sum log p(x_t | x_<t)`` summed over every predicted token of every window of the column and
+``N`` the number of predicted tokens::
+
+    mean_nll[r, c] = NLL[r, c] / N[c]          ppl[r, c] = exp(mean_nll[r, c])
+    delta_ppl[r, c] = ppl[r, c] - ppl[baseline, c]   delta_nll[r, c] = mean_nll[r, c] - mean_nll[baseline, c]
+
+``delta_nll`` is ``log(ppl / ppl_baseline)``: scale-free, so it is what the diagonal-dominance
+summary and the heatmap use.
+
+What is reused instead of ``K^2`` independent full runs:
+
+- tokenisation and packing: once per column, shared by every row;
+- the baseline: once per column (the [M25] scripts recomputed it for every row);
+- stacked rows: one forward pass holds sequences of several rows (``intervene_rows``: each
+  sequence carries its own row's neuron table), so a column costs ``ceil(R * n_windows / B)``
+  passes of ``B`` sequences whatever the number of rows ``R``, with no per-row set-up;
+- per-neuron values (statistic operators) are computed once per row, not per batch.
+
+The layers below the first intervened layer are recomputed for every row (skipping them would
+need architecture-specific code); on a GPU the stacked passes make this cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
+from .errors import UserError
+from .intervene import Intervention, intervene_rows
+
+PPL_FORMAT = "langneurons.ppl.v1"
+
+
+# ------------------------------------------------------------------------------------------ data
+def heldout_windows(source: LanguageSource, tokenizer, window: int, max_tokens: Optional[int], seed: int = 0,
+                    cache_dir: Optional[Path] = None) -> np.ndarray:
+    """The column's evaluation windows ``[n, T]`` (uint32): packed once, a seeded subset if capped."""
+    packing = Packing(window).resolve(tokenizer)
+    stream, _ = load_stream(source, tokenizer, packing, cache_dir,
+                            stream_cap=(max_tokens * 4 if max_tokens else None))
+    windows = cut_windows(stream, packing, tokenizer.bos_token_id, source.code)
+    return windows[select_windows(len(windows), window, max_tokens, seed)]
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def sequence_nll(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and predicted-token count per sequence: float64 ``[B]``, int64 ``[B]``.
+
+    Token ``t >= 1`` is predicted from positions ``< t``; it counts iff ``mask[t]`` and ``mask[t-1]``
+    are 1 (no pad label, no prediction from a pad). Log-probabilities in at least float32.
+    """
+    from .collect import forward_kwargs
+    out = model(input_ids=input_ids, use_cache=False, **forward_kwargs(model, attention_mask))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    labels = input_ids[:, 1:]
+    if attention_mask is not None:
+        valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    else:
+        valid = torch.ones_like(labels, dtype=torch.bool)
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    nll = torch.empty(labels.shape[0], dtype=torch.float64, device=labels.device)
+    for b in range(labels.shape[0]):  # one row at a time keeps the float32 copy of the logits small
+        tok = F.cross_entropy(logits[b, :-1].to(dt), labels[b], reduction="none")
+        nll[b] = tok.masked_fill(~valid[b], 0).sum().double()
+    return nll, valid.sum(1)
+
+
+@dataclass
+class MatrixResult:
+    rows: list[str]
+    columns: list[str]
+    nll_sum: torch.Tensor            # float64 [R, C]
+    tokens: list[int]                # predicted tokens per column
+    windows: list[int]
+    passes: int
+    sequences: int
+    seconds: float
+
+    @property
+    def mean_nll(self) -> torch.Tensor:
+        return self.nll_sum / torch.tensor(self.tokens, dtype=torch.float64).clamp_min(1)
+
+    @property
+    def ppl(self) -> torch.Tensor:
+        return self.mean_nll.exp()
+
+
+@torch.no_grad()
+def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], columns: dict[str, np.ndarray],
+                      batch_size: int = 8, adapter=None, progress: bool = False) -> MatrixResult:
+    """NLL of every row (intervention or ``None``) on every column's windows, stacked in passes of
+    ``batch_size`` sequences (see the module docstring)."""
+    from .arch import Adapter
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    adapter = adapter if adapter is not None else Adapter(model)
+    device = model.get_input_embeddings().weight.device
+    R = len(rows)
+    nll = torch.zeros(R, len(columns), dtype=torch.float64)
+    tokens, nwin = [], []
+    passes = seqs = 0
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(R * len(w) for w in columns.values()), unit="seq", desc="ppl", dynamic_ncols=True,
+                   mininterval=1.0)
+    with intervene_rows(model, [iv for _, iv in rows], adapter=adapter) as ctl:
+        for c, (code, windows) in enumerate(columns.items()):
+            W = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+            n = W.shape[0]
+            pair_row = torch.arange(R).repeat_interleave(n)
+            pair_win = torch.arange(n).repeat(R)
+            count = None
+            for s in range(0, R * n, batch_size):
+                r_idx, w_idx = pair_row[s:s + batch_size], pair_win[s:s + batch_size]
+                ids = W[w_idx].to(device)
+                ctl.assign(r_idx)
+                seq_nll, seq_n = sequence_nll(model, ids)
+                nll[:, c].index_add_(0, r_idx, seq_nll.cpu())
+                if count is None:
+                    count = int(seq_n[0])  # windows have equal length and no padding
+                passes += 1
+                seqs += ids.shape[0]
+                if bar is not None:
+                    bar.update(ids.shape[0])
+            tokens.append(count * n)
+            nwin.append(n)
+    if bar is not None:
+        bar.close()
+    return MatrixResult(rows=[name for name, _ in rows], columns=list(columns), nll_sum=nll, tokens=tokens,
+                        windows=nwin, passes=passes, sequences=seqs, seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def diagonal_dominance(delta: torch.Tensor, row_langs: list[str], col_langs: list[str]) -> dict:
+    """For languages that are both a row and a column: is ``delta[k, k]`` the largest of its row
+    (deactivating k hurts k most) and of its column (k is hurt most by its own neurons)?"""
+    common = [k for k in row_langs if k in col_langs]
+    out = {"row": {}, "column": {}}
+    for k in common:
+        r, c = row_langs.index(k), col_langs.index(k)
+        row = delta[r, [col_langs.index(j) for j in common]]
+        col = delta[[row_langs.index(j) for j in common], c]
+        d = float(delta[r, c])
+        out["row"][k] = bool(all(d > float(v) for j, v in zip(common, row) if j != k))
+        out["column"][k] = bool(all(d > float(v) for j, v in zip(common, col) if j != k))
+    out["row_count"] = sum(out["row"].values())
+    out["column_count"] = sum(out["column"].values())
+    out["languages"] = len(common)
+    return out
+
+
+def _round(t: torch.Tensor, nd: int = 6) -> list:
+    return [[(round(float(v), nd) if math.isfinite(float(v)) else None) for v in row] for row in t.tolist()]
+
+
+# ------------------------------------------------------------------------------------------ the command
+@dataclass
+class PPLConfig:
+    model: str
+    neurons: Path
+    languages: list[LanguageSource]
+    out: Path
+    stats: Optional[Path] = None
+    operator: str = "zero"
+    site: str = "act"
+    rows: Optional[list[str]] = None
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    window: int = 512
+    max_tokens: Optional[int] = None
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    cache_dir: Optional[Path] = None
+    progress: bool = True
+
+
+def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
+    """Load everything, compute the matrix, write ``OUT/ppl.json`` and ``OUT/ppl.png``; return the record."""
+    from .arch import Adapter
+    from .collect import DTYPES, load_model, resolve_device, resolve_dtype
+    from .intervene import parse_operator
+    from .neuronset import NeuronSet, random_control
+    from .plots import plot_heatmap
+    from .stats import ActivationStats, atomic_write_text
+
+    if cfg.window < 2:
+        raise UserError(f"--window {cfg.window} is too small; use at least 2 tokens")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise UserError("--max-tokens must be positive")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {cfg.dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
+    if any(s < 0 for s in cfg.random_seeds):
+        raise UserError("--random-seeds must be non-negative integers")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    op = parse_operator(cfg.operator)
+    ns = NeuronSet.load(cfg.neurons)
+    stats = ActivationStats.load(cfg.stats) if cfg.stats is not None else None
+    row_langs = list(cfg.rows) if cfg.rows is not None else ns.languages
+    for code in row_langs:
+        if code not in ns.neurons:
+            raise UserError(f"unknown language {code!r} in --rows: the neuron set {cfg.neurons} has "
+                            f"{', '.join(ns.languages)}")
+    if op.needs_stats and stats is None:
+        raise UserError(f"operator {op.spec!r} needs activation statistics; pass --stats DIR")
+
+    device = resolve_device(cfg.device)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
+    adapter = Adapter(model)
+    ns.validate_for(adapter.num_layers, adapter.width)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and cfg.window > max_pos:
+        raise UserError(f"--window {cfg.window} exceeds the model's {max_pos} positions; lower --window")
+
+    def make(neurons, code):
+        return Intervention(neurons=neurons, languages=[code], operator=op.spec, stats=stats, site=cfg.site)
+
+    rows: list[tuple[str, Optional[Intervention]]] = [("baseline", None)]
+    rows += [(code, make(ns, code)) for code in row_langs]
+    controls = {}
+    for seed in cfg.random_seeds:
+        rc = random_control(ns, seed)
+        controls[seed] = rc
+        for code in row_langs:
+            # values of statistic operators come from the language's own statistics, as for its real row
+            rows.append((f"random[{seed}]:{code}", Intervention(neurons=rc, languages=[code], operator=op.spec,
+                                                                stats=stats, site=cfg.site)))
+    columns = {src.code: heldout_windows(src, tokenizer, cfg.window, cfg.max_tokens, cfg.seed, cfg.cache_dir)
+               for src in cfg.languages}
+
+    res = perplexity_matrix(model, rows, columns, batch_size=cfg.batch_size, adapter=adapter,
+                            progress=cfg.progress)
+    record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, op.spec, adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "ppl.json", json.dumps(record, indent=1, ensure_ascii=False))
+    main_rows = ["baseline"] + row_langs + ([f"random:{c}" for c in row_langs] if cfg.random_seeds else [])
+    labels = [r for r in main_rows if r != "baseline"]
+    dn = record["delta_nll"]
+    mat = [dn[record["rows"].index(r)] for r in labels]
+    plot_heatmap([[float("nan") if v is None else v for v in row] for row in mat], labels, record["columns"],
+                 out / "ppl.png", fmt=".2f", cmap="magma",
+                 title=f"{op.spec} on language neurons: ΔNLL = log(PPL / baseline PPL); rows: neurons, "
+                       "columns: evaluated language")
+    return record
+
+
+def build_record(res: MatrixResult, row_langs: list[str], seeds: list[int], ns, cfg: PPLConfig, op: str,
+                 adapter) -> dict:
+    """The ``ppl.json`` document: main matrix (baseline, language rows, seed-averaged random rows)
+    plus every per-seed random row."""
+    names = res.rows
+    mean_nll = res.mean_nll
+    ppl = res.ppl
+    base = names.index("baseline")
+    main = ["baseline"] + row_langs
+    M_nll = [mean_nll[names.index(r)] for r in main]
+    M_ppl = [ppl[names.index(r)] for r in main]
+    if seeds:
+        for code in row_langs:
+            idx = [names.index(f"random[{s}]:{code}") for s in seeds]
+            main.append(f"random:{code}")
+            M_nll.append(mean_nll[idx].mean(0))
+            M_ppl.append(ppl[idx].mean(0))
+    M_nll = torch.stack(M_nll)
+    M_ppl = torch.stack(M_ppl)
+    d_nll = M_nll - mean_nll[base]
+    d_ppl = M_ppl - ppl[base]
+    lang_rows = torch.stack([d_nll[main.index(c)] for c in row_langs]) if row_langs else d_nll[:0]
+    dom = diagonal_dominance(lang_rows, row_langs, res.columns)
+    vs_random = {}
+    if seeds:
+        for code in row_langs:
+            if code in res.columns:
+                c = res.columns.index(code)
+                real = float(d_nll[main.index(code), c])
+                rand = float(d_nll[main.index(f"random:{code}"), c])
+                vs_random[code] = {"delta_nll": round(real, 6), "random_delta_nll": round(rand, 6),
+                                   "ratio": round(real / rand, 3) if rand > 0 else None}
+    per_seed = {str(s): {"rows": row_langs, "ppl": _round(torch.stack([ppl[names.index(f"random[{s}]:{c}")]
+                                                                       for c in row_langs])) if row_langs else []}
+                for s in seeds}
+    K = len(res.columns)
+    naive_seqs = 2 * (len(names) - 1) * sum(res.windows)
+    return {
+        "format": PPL_FORMAT,
+        "rows": main,
+        "columns": res.columns,
+        "languages": {"rows": row_langs, "columns": res.columns},
+        "ppl": _round(M_ppl),
+        "mean_nll": _round(M_nll),
+        "delta_ppl": _round(d_ppl),
+        "delta_nll": _round(d_nll),
+        "diagonal_dominance": dom,
+        "vs_random": vs_random,
+        "random_control": {"seeds": seeds, "per_seed": per_seed,
+                           "sizes": {c: ns.total(c) for c in row_langs}},
+        "tokens": dict(zip(res.columns, res.tokens)),
+        "windows": dict(zip(res.columns, res.windows)),
+        "settings": {"model": cfg.model, "model_type": adapter.model_type, "neurons": str(cfg.neurons),
+                     "neuron_method": ns.method.get("name"), "neuron_counts": {c: ns.total(c) for c in row_langs},
+                     "stats": str(cfg.stats) if cfg.stats else None, "operator": op, "site": cfg.site,
+                     "positions": "all", "window": cfg.window, "max_tokens": cfg.max_tokens,
+                     "batch_size": cfg.batch_size, "seed": cfg.seed,
+                     "sources": {s.code: s.spec for s in cfg.languages}},
+        "work": {"forward_passes": res.passes, "sequences": res.sequences, "seconds": round(res.seconds, 3),
+                 "naive_sequences": naive_seqs, "columns": K,
+                 "reused": "windows tokenised once per column; baseline once per column; rows stacked "
+                           "in shared forward passes (intervene_rows)"},
+    }
+
+
+def print_summary(record: dict, file=None) -> None:
+    """A plain-text table of PPL per row and column."""
+    file = file if file is not None else sys.stdout
+    cols = record["columns"]
+    w = max(8, max(len(r) for r in record["rows"]) + 1)
+    print("PPL".ljust(w) + "".join(c.rjust(10) for c in cols), file=file)
+    for r, row in zip(record["rows"], record["ppl"]):
+        print(r.ljust(w) + "".join(("-" if v is None else f"{v:.2f}").rjust(10) for v in row), file=file)
+    dom = record["diagonal_dominance"]
+    print(f"diagonal dominance (delta NLL): rows {dom['row_count']}/{dom['languages']}, "
+          f"columns {dom['column_count']}/{dom['languages']}", file=file)
