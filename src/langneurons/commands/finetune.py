@@ -123,7 +123,7 @@ def _lang_paths(items, option: str) -> list[tuple[str, str]]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("finetune", help=HELP, description=__doc__.strip().splitlines()[0],
+    p = sub.add_parser("finetune", help=HELP, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_subparsers(dest="finetune_cmd", metavar="{train,eval,experiment}", parser_class=type(p))
     s.required = True
@@ -153,6 +153,7 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-length", type=int, default=None, help="tokens per example [the run's --max-length]")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=run_eval)
 
@@ -169,6 +170,7 @@ def register(sub) -> None:
     x.add_argument("--interventions", default=None, help="test-time operators on the attn model, e.g. set:mean,zero")
     x.add_argument("--stats", default=None, help="activation statistics for --interventions")
     x.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples [2000]")
+    x.add_argument("--eval-max-length", type=int, default=None, help="tokens per test example [--max-length]")
     x.add_argument("--workers", type=int, default=1,
                    help="training processes side by side, each with --threads torch threads (default 1) [1]")
     x.add_argument("--out", required=True, type=Path, help="output directory")
@@ -214,7 +216,7 @@ def run_eval(args) -> int:
         if not args.neurons or not args.stats:
             raise UserError("--intervene needs --neurons FILE and --stats DIR")
         try:
-            from ..intervene import Intervention, intervene
+            from ..intervene import Intervention
         except ImportError:
             raise UserError("this installation has no langneurons.intervene; drop --intervene") from None
         from ..neuronset import NeuronSet
@@ -224,9 +226,10 @@ def run_eval(args) -> int:
 
         def context_for(lang):
             iv = Intervention(neurons=ns, languages=[lang], operator=args.intervene, stats=stats, site=ns.site)
-            return lambda: intervene(tm.hf_model, iv)
+            return tm.intervention(iv)
     res = evaluate_sets(tm, sets, batch_size=args.batch_size, max_examples=args.max_examples,
-                        max_new_tokens=args.max_new_tokens, context_for=context_for, progress=not args.quiet)
+                        max_new_tokens=args.max_new_tokens, context_for=context_for, progress=not args.quiet,
+                        max_length=args.max_length)
     doc = {"run": str(args.run), "intervention": args.intervene, "metrics": summary(res),
            "scores": {c: r["correct"] for c, r in res.items()}}
     text = json.dumps(doc, indent=1)
@@ -260,6 +263,7 @@ def run_experiment(args) -> int:
                            task=args.task, source=args.source, seeds=seeds, conditions=conditions, interventions=ops,
                            stats=args.stats, mlp_modules=args.mlp_modules or "gate", bootstrap=args.bootstrap,
                            eval_max_examples=args.eval_max_examples, eval_batch_size=args.eval_batch_size or 64,
+                           eval_max_length=args.eval_max_length,
                            progress=not args.quiet, train_options=opts)
     if args.workers < 1:
         raise UserError("--workers must be at least 1")

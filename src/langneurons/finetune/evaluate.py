@@ -1,0 +1,143 @@
+"""Evaluation of fine-tuned models: classification accuracy and generative QA (EM / F1).
+
+QA scoring (SQuAD v1.1 style, per example the maximum over the gold answers):
+
+- normalise: lower-case, drop punctuation (every Unicode ``P*`` character), drop the English articles
+  a/an/the, collapse whitespace;
+- words: whitespace tokens, except that characters of scripts written without spaces (CJK, kana,
+  Thai, ...) count one token each (MLQA's "mixed segmentation"), so Chinese and Thai get a
+  meaningful F1;
+- ``EM = [words(pred) == words(gold)]``; ``F1 = 2 P R / (P + R)`` over the multiset overlap of words.
+
+``em_tokens``/``f1_tokens`` are the same on tokenizer ids of the raw strings ([M25]'s token-id
+scores), reported alongside for replication.
+
+Predictions are greedy continuations of the prompt (left padding), cut at the first newline or EOS.
+Both evaluators accept ``context``: a factory of a context manager entered around the forward passes
+(a test-time intervention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import string
+import unicodedata
+from collections import Counter
+from typing import Callable, Optional
+
+import torch
+
+from .data import ClassificationData, QAData, encode_classification, encode_qa, pad_batch
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NOSPACE = re.compile("([\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff\u0e00-\u0e7f\u0e80-\u0eff\u1000-\u109f])")
+
+
+def normalize_answer(s: str) -> str:
+    s = s.lower()
+    s = "".join(" " if unicodedata.category(ch).startswith("P") or ch in string.punctuation else ch for ch in s)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def answer_words(s: str) -> list[str]:
+    return _NOSPACE.sub(r" \1 ", normalize_answer(s)).split()
+
+
+def f1_of(pred: list, gold: list) -> float:
+    if not pred or not gold:
+        return float(pred == gold)
+    common = Counter(pred) & Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    p, r = same / len(pred), same / len(gold)
+    return 2 * p * r / (p + r)
+
+
+def qa_scores(pred: str, golds: list[str], tok=None) -> dict[str, float]:
+    pw = answer_words(pred)
+    out = {"em": max(float(pw == answer_words(g)) for g in golds),
+           "f1": max(f1_of(pw, answer_words(g)) for g in golds)}
+    if tok is not None:
+        pt = tok(pred.strip(), add_special_tokens=False)["input_ids"]
+        gts = [tok(g.strip(), add_special_tokens=False)["input_ids"] for g in golds]
+        out["em_tokens"] = max(float(pt == g) for g in gts)
+        out["f1_tokens"] = max(f1_of(pt, g) for g in gts)
+    return out
+
+
+def _ctx(context: Optional[Callable]):
+    return context() if context is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_classification(classifier, tok, data: ClassificationData, batch_size: int = 16, max_length: int = 256,
+                            context: Optional[Callable] = None, progress: bool = False, desc: str = "eval") -> dict:
+    """Accuracy and per-example correctness (in data order) of a :class:`SequenceClassifier`."""
+    was = classifier.training
+    classifier.eval()
+    ids = encode_classification(tok, data, max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    preds = [0] * len(ids)
+    dev = classifier.head.weight.device
+    it = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    with _ctx(context):
+        for s in it:
+            idx = order[s:s + batch_size]
+            b = pad_batch([ids[i] for i in idx], tok.pad_token_id, "right")
+            logits = classifier(b["input_ids"].to(dev), b["attention_mask"].to(dev))
+            for i, p in zip(idx, logits.argmax(-1).tolist()):
+                preds[i] = p
+    classifier.train(was)
+    correct = [int(p == y) for p, y in zip(preds, data.labels)]
+    return {"n": len(correct), "accuracy": sum(correct) / max(1, len(correct)), "correct": correct,
+            "predictions": preds}
+
+
+@torch.no_grad()
+def generate_answers(model, tok, data: QAData, batch_size: int = 8, max_length: int = 512,
+                     max_new_tokens: int = 32, context: Optional[Callable] = None, progress: bool = False,
+                     desc: str = "eval") -> list[str]:
+    """Greedy answers (decoded, cut at the first newline), in data order."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was = inner.training
+    inner.eval()
+    enc = encode_qa(tok, data, max_length - max_new_tokens, with_answer=False)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i].prompt))
+    out = [""] * len(enc)
+    dev = next(inner.parameters()).device
+    it = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with _ctx(context):
+        for s in it:
+            idx = order[s:s + batch_size]
+            b = pad_batch([enc[i].prompt for i in idx], pad, "left")
+            ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+            gen = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
+                text = tok.decode(row, skip_special_tokens=True)
+                out[i] = text.split("\n")[0].strip()
+    inner.train(was)
+    return out
+
+
+def evaluate_qa(model, tok, data: QAData, batch_size: int = 8, max_length: int = 512, max_new_tokens: int = 32,
+                context: Optional[Callable] = None, progress: bool = False, desc: str = "eval") -> dict:
+    """EM/F1 (words and token ids, in %) and per-example scores of greedy answers."""
+    preds = generate_answers(model, tok, data, batch_size, max_length, max_new_tokens, context, progress, desc)
+    per = [qa_scores(p, g, tok) for p, g in zip(preds, data.answers)]
+    n = max(1, len(per))
+    res = {"n": len(per), **{k: 100.0 * sum(d[k] for d in per) / n for k in ("em", "f1", "em_tokens", "f1_tokens")}}
+    res["correct"] = [d["f1"] for d in per]         # per-example score used by paired tests
+    res["predictions"] = preds
+    return res
+
