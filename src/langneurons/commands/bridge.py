@@ -373,15 +373,19 @@ def run_select(args) -> int:
     if dropped:
         print(f"select: candidates without language neurons skipped: {', '.join(dropped)}", file=sys.stderr)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    selection, overlaps = {}, {}
-    for (s, t), ps in probes.items():
+    results = {}
+    for (s, t), ps in probes.items():   # everything is computed before anything is written
         res = rank_bridges(ps.acts, masks, s, t, available, layers, definition, args.hsic, args.sigma)
         res.update(n_probes=ps.n, probe_filter=ps.meta.get("filter"), candidates_unavailable=dropped,
                    neurons=info)
         res["bridge_neurons_per_layer"] = {
             r["bridge"]: {int(l): int(bridge_mask(masks, r["bridge"], s, t, definition.bridge_exclude)[l].sum())
                           for l in layers} for r in res["ranking"]}
+        results[(s, t)] = res
+    out.mkdir(parents=True, exist_ok=True)
+    selection, overlaps = {}, {}
+    for (s, t), res in results.items():
+        ps = probes[(s, t)]
         save_ranking(res, out / f"ranking-{s}-{t}.json")
         plot_ranking(res, out / f"ranking-{s}-{t}.png")
         overlaps[f"{s}-{t}"] = overlap_mask(masks, s, t, definition.overlap)
@@ -495,8 +499,11 @@ def run_spectrum(args) -> int:
         files = sorted(Path(args.probes).glob("probes-*-*.json"))
         parts = []
         for f in files:
-            doc = json.loads(f.read_text(encoding="utf-8"))
-            if doc.get("format") != PROBE_FORMAT:
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{f} is corrupt; run 'langneurons bridge probe' again or remove it") from None
+            if not isinstance(doc, dict) or doc.get("format") != PROBE_FORMAT:
                 continue
             ps = ProbeSet.load(args.probes, doc["src"], doc["trg"])
             if tuple(ps.acts.shape[:2]) != (L, I):
