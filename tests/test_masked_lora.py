@@ -16,7 +16,11 @@ from langneurons.finetune.masked_lora import MASK_FILE, check_lora_options
 from langneurons.neuronset import NeuronSet
 from langneurons.testing import tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
+# whole suite, so the default run leaves them out; run them with `make test-unverified`.
+
+
+pytestmark = [pytest.mark.unverified, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
 @pytest.fixture(autouse=True, scope="module")
