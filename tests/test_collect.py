@@ -175,6 +175,7 @@ def test_torchrun_two_processes_equal_one(demo_model, tmp_path):
 
 # ------------------------------------------------------------------ bad input
 def _one_line_error(capsys, args):
+    capsys.readouterr()  # drop what earlier in-process runs printed
     rc = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
