@@ -11,7 +11,7 @@ interventions) return a replacement tensor. Both reach a site through :class:`~l
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,41 +40,14 @@ def _register(adapter: Adapter, layer: int, site: str, fn: Callable[[torch.Tenso
 
 
 @contextlib.contextmanager
-def observe(adapter: Adapter, site: str, fn: Observer, layers: Optional[list[int]] = None) -> Iterator[list[int]]:
-    """Call ``fn(layer, activations)`` on every forward pass at ``site``; outputs are untouched.
-
-    Yields a list of per-layer call counts, so callers can check that every layer fired.
-    """
-    check_site(site)
-    layers = list(range(adapter.num_layers)) if layers is None else layers
-    calls = [0] * adapter.num_layers
-    handles = []
-
-    def make(l: int):
-        def f(t: torch.Tensor) -> None:
-            calls[l] += 1
-            fn(l, t.detach())
-            return None
-        return f
-
-    try:
-        for l in layers:
-            handles.append(_register(adapter, l, site, make(l)))
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def write(adapter: Adapter, site: str, fn: Writer, layers: list[int]) -> Iterator[list[int]]:
-    """Replace the activations at ``site`` of ``layers`` by ``fn(layer, activations)``."""
+def _hooked(adapter: Adapter, site: str, layers: list[int], fn: Callable[[int, torch.Tensor], Optional[torch.Tensor]]):
+    """Register ``fn(layer, tensor)`` at ``site`` of ``layers``; yield per-layer call counts; always remove."""
     check_site(site)
     calls = [0] * adapter.num_layers
     handles = []
 
     def make(l: int):
-        def f(t: torch.Tensor) -> torch.Tensor:
+        def f(t: torch.Tensor):
             calls[l] += 1
             return fn(l, t)
         return f
@@ -86,6 +59,25 @@ def write(adapter: Adapter, site: str, fn: Writer, layers: list[int]) -> Iterato
     finally:
         for h in handles:
             h.remove()
+
+
+def observe(adapter: Adapter, site: str, fn: Observer, layers: Optional[list[int]] = None):
+    """Call ``fn(layer, activations)`` on every forward pass at ``site``; outputs are untouched.
+
+    A context manager yielding a list of per-layer call counts, so callers can check that every
+    layer fired.
+    """
+    layers = list(range(adapter.num_layers)) if layers is None else layers
+
+    def watch(l: int, t: torch.Tensor) -> None:
+        fn(l, t.detach())
+        return None
+    return _hooked(adapter, site, layers, watch)
+
+
+def write(adapter: Adapter, site: str, fn: Writer, layers: list[int]):
+    """Replace the activations at ``site`` of ``layers`` by ``fn(layer, activations)`` (a context manager)."""
+    return _hooked(adapter, site, layers, fn)
 
 
 def check_fired(calls: list[int], layers: list[int], expected: int = 1) -> None:
