@@ -112,7 +112,45 @@ def bench_generation(model) -> float:
     ratio = bi / bp
     print(f"  ratio intervened/plain: best {ratio:.3f}, median {mi / mp:.3f}  (target <= {TARGET}: "
           f"{'met' if ratio <= TARGET else 'NOT met'})")
+    hook_us = hook_cost(model, iv)
+    step = bp / NEW
+    print(f"  hook cost per decode step (model pre-hook + {LAYERS} layer writers, timed in isolation): "
+          f"{hook_us:.0f} us = {100 * hook_us * 1e-6 / step:.2f}% of a plain step ({1e3 * step:.1f} ms); "
+          f"load-independent estimate of the ratio: {1 + hook_us * 1e-6 / step:.4f}")
     return ratio
+
+
+def hook_cost(model, iv, n: int = 5000) -> float:
+    """Microseconds of hook work per decode step: the model-level pre/post hooks once, the writer
+    (through the registered forward hook) once per layer, on the decode-step tensors [8, 1, I]."""
+    from langneurons.arch import Adapter
+    from langneurons.hooks import write
+    from langneurons.intervene import Controller
+    adapter = Adapter(model)
+    ctl = Controller(model, adapter, [iv])
+    plan = iv.plan(adapter)
+    act = adapter.layers[sorted(plan)[0]].act
+    ids = torch.zeros(BATCH, 1, dtype=torch.long)
+    am = torch.ones(BATCH, PROMPT + NEW // 2, dtype=torch.long)
+    x = torch.randn(BATCH, 1, WIDTH)
+    with write(adapter, "act", ctl.make_writer(0, iv, plan), [sorted(plan)[0]]):
+        def step():
+            ctl._pre_hook(model, (), {"input_ids": ids, "attention_mask": am})
+            for _ in range(LAYERS):
+                act(x)
+            ctl._post_hook(model, (), {}, None)
+        for _ in range(50):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        with_hooks = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for _ in range(LAYERS):
+            act(x)
+    bare = (time.perf_counter() - t0) / n
+    return (with_hooks - bare) * 1e6
 
 
 def bench_ppl(model) -> bool:
