@@ -64,6 +64,7 @@ def heldout_windows(source: LanguageSource, tokenizer, window: int, max_tokens: 
 
 
 # ------------------------------------------------------------------------------------------ scoring
+@torch.no_grad()
 def sequence_nll(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL and predicted-token count per sequence: float64 ``[B]``, int64 ``[B]``.
