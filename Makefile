@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-slow test-unverified bench clean
+.PHONY: setup demo test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,6 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
-
-test-unverified: setup
-	$(PY) -m pytest -q -m unverified
 
 bench: setup
 	$(PY) benchmarks/collect.py

@@ -79,6 +79,18 @@ def test_lape_cli_writes_valid_set(demo_stats, tmp_path, capsys):
     out5b = tmp_path / "lape5b.json"
     main(["identify", "lape", "--stats", str(demo_stats), "--out", str(out5b), "--top-rate", "0.05"])
     assert out5.read_text() == out5b.read_text()
+    # the Python entry point gives the same set as the command
+    from langneurons.identify import select
+    py = select("lape", demo_stats, top_rate=0.05)
+    assert py.languages == ns5.languages and all(torch.equal(py.mask(c), ns5.mask(c)) for c in ns5.languages)
+    assert py.method["params"]["tau_f"] == ns5.method["params"]["tau_f"]
+    sub = select("lape", demo_stats, ["en", "fr", "zh"], top_rate=0.05)
+    assert sub.languages == ["en", "fr", "zh"]
+    from langneurons.errors import UserError
+    with pytest.raises(UserError, match="no option top_k"):
+        select("lape", demo_stats, top_k=3)
+    with pytest.raises(UserError, match="unknown method"):
+        select("entropy", demo_stats)
 
 
 def test_top_prob_and_act_prob_cli(demo_stats, tmp_path):

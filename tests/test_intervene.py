@@ -17,19 +17,8 @@ from langneurons.neuronset import NeuronSet
 from langneurons.stats import STATS_FORMAT, ActivationStats, LanguageStats
 from langneurons.testing import tiny_model
 
-# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
-# whole suite, so the default run leaves them out; run them with `make test-unverified`.
-pytestmark = pytest.mark.unverified
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, the more so on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 ARCHS = ["llama", "phi3", "gpt2", "opt", "gemma", "qwen2", "gpt_neox", "bloom", "falcon", "phi"]
 

@@ -13,9 +13,6 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not in
 from langneurons.errors import UserError  # noqa: E402
 from langneurons.lmeval import TASKS_DIR, LangneuronsLM, build_intervention  # noqa: E402
 
-# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
-# whole suite, so the default run leaves them out; run them with `make test-unverified`.
-pytestmark = pytest.mark.unverified
 
 
 

@@ -16,20 +16,10 @@ from langneurons.finetune.masked_lora import MASK_FILE, check_lora_options
 from langneurons.neuronset import NeuronSet
 from langneurons.testing import tiny_model
 
-# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
-# whole suite, so the default run leaves them out; run them with `make test-unverified`.
 
 
-pytestmark = [pytest.mark.unverified, pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning threads are slow on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # (model type, MLP modules to mask)
 LAYOUTS = [("llama", ("gate", "up", "down")), ("phi3", ("gate", "up", "down")), ("gpt2", ("gate", "down")),

@@ -11,47 +11,14 @@ import pytest
 import torch
 
 from langneurons.cli import main
+from langneurons.identify import select
 from langneurons.intervene import Intervention, intervene
 from langneurons.neuronset import NeuronSet
 from langneurons.ppl import diagonal_dominance, perplexity_matrix, sequence_nll
 from langneurons.testing import tiny_model
 
-# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
-# whole suite, so the default run leaves them out; run them with `make test-unverified`.
-pytestmark = pytest.mark.unverified
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, the more so on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def lape_set(stats, top_rate=0.02, filter_rate=0.95, bar_ratio=0.95, languages=None) -> NeuronSet:
-    """LAPE (METHODS.md 3.1), written out plainly for the tests."""
-    langs = languages or stats.languages
-    p = torch.stack([stats.get(c).prob() for c in langs], -1)                  # [L, I, K]
-    L, I, K = p.shape
-    q = p / p.sum(-1, keepdim=True)
-    q = torch.nan_to_num(q, nan=0.0)
-    H = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum(-1)
-    flat = p.reshape(-1)
-    tau_f = torch.kthvalue(flat, round(filter_rate * flat.numel())).values
-    H = torch.where((p <= tau_f).all(-1), torch.full_like(H, math.inf), H)
-    n = round(top_rate * L * I)
-    order = torch.sort(H.reshape(-1), stable=True).indices[:n]
-    order = order[torch.isfinite(H.reshape(-1)[order])]
-    sel = torch.zeros(L * I, dtype=torch.bool)
-    sel[order] = True
-    sel = sel.reshape(L, I)
-    tau_b = torch.kthvalue(flat, round(bar_ratio * flat.numel())).values
-    masks = {c: sel & (p[..., k] > tau_b) for k, c in enumerate(langs)}
-    return NeuronSet.from_masks(masks, stats.model_info,
-                                {"name": "lape", "params": {"top_rate": top_rate}, "languages": langs})
 
 
 # ------------------------------------------------------------------------------------------ exact maths
@@ -120,7 +87,7 @@ def _demo_args(demo_model, out, ns_path, *extra, langs=("en", "fr", "zh")):
 def test_ppl_command_writes_consistent_record(demo_model, demo_stats, tmp_path, capsys):
     from langneurons.stats import ActivationStats
     stats = ActivationStats.load(demo_stats)
-    ns = lape_set(stats, top_rate=0.03)
+    ns = select("lape", stats, top_rate=0.03)
     ns.save(tmp_path / "ns.json")
     out = tmp_path / "ppl"
     rc = main(_demo_args(demo_model, out, tmp_path / "ns.json", "--random-seeds", "0,1", "--rows", "en,fr,zh",
@@ -154,7 +121,7 @@ def test_ppl_command_writes_consistent_record(demo_model, demo_stats, tmp_path, 
 def test_ppl_command_bad_input(case, demo_model, demo_stats, tmp_path, capsys):
     from langneurons.stats import ActivationStats
     stats = ActivationStats.load(demo_stats)
-    ns = lape_set(stats, top_rate=0.03)
+    ns = select("lape", stats, top_rate=0.03)
     if case == "other_model":
         ns = NeuronSet({"en": [[0, 1]]}, {"num_layers": 3, "width": 99, "site": "act"}, {"name": "x"})
     ns.save(tmp_path / "ns.json")
@@ -187,7 +154,7 @@ def test_deactivation_matrix_on_trained_model(shared_model, shared_stats):
     from langneurons.stats import ActivationStats
     stats = ActivationStats.load(shared_stats)
     langs = stats.languages
-    ns = lape_set(stats, top_rate=0.1)
+    ns = select("lape", stats, top_rate=0.1)
     model, tok = load_model(str(shared_model), torch.device("cpu"), torch.float32)
     cols = {}
     for c in langs:

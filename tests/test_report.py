@@ -12,9 +12,6 @@ import torch
 from langneurons.cli import main
 from langneurons.report import render_report
 
-# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
-# whole suite, so the default run leaves them out; run them with `make test-unverified`.
-pytestmark = pytest.mark.unverified
 
 
 

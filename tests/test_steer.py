@@ -10,23 +10,13 @@ import torch
 
 from langneurons.cli import main
 from langneurons.errors import UserError
+from langneurons.identify import select
 from langneurons.intervene import Intervention
 from langneurons.steer import (ClozeItem, build_muse_cloze, continuation_loglik, load_cloze_jsonl, load_mlama,
                                lss, mlama_prompt, save_cloze_jsonl)
 
-# Open issue: these tests have passed alone but have not yet passed in one integrated run of the
-# whole suite, so the default run leaves them out; run them with `make test-unverified`.
-pytestmark = pytest.mark.unverified
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, the more so on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -112,10 +102,9 @@ def test_continuation_loglik_by_hand_and_batch_invariant(demo64):
 
 def test_lss_by_hand_and_ties_fail(demo64, demo_stats):
     from langneurons.stats import ActivationStats
-    from test_ppl import lape_set
     m, tok = demo64
     stats = ActivationStats.load(demo_stats)
-    ns = lape_set(stats, top_rate=0.05, languages=["en", "fr", "zh"])
+    ns = select("lape", stats, ["en", "fr", "zh"], top_rate=0.05)
     items = [ClozeItem(str(i), {"en": f"one, two, {w}", "fr": f"un, deux, {v}", "zh": f"一、二、{z}"},
                        {"en": "four", "fr": "quatre", "zh": "四"}, {})
              for i, (w, v, z) in enumerate([("three", "trois", "三"), ("five", "cinq", "五")])]
@@ -157,8 +146,7 @@ def test_language_identifier():
 # ------------------------------------------------------------------------------------------ the command
 def _lape_file(demo_stats, tmp_path):
     from langneurons.stats import ActivationStats
-    from test_ppl import lape_set
-    ns = lape_set(ActivationStats.load(demo_stats), top_rate=0.05)
+    ns = select("lape", ActivationStats.load(demo_stats), top_rate=0.05)
     ns.save(tmp_path / "ns.json")
     return tmp_path / "ns.json"
 
@@ -236,9 +224,8 @@ def shared_sentence_stats(shared_model, shared_data):
 def steering_setup(shared_model, shared_stats, shared_sentence_stats, shared_data):
     from langneurons.collect import load_model
     from langneurons.stats import ActivationStats
-    from test_ppl import lape_set
     stats = ActivationStats.load(shared_stats)
-    ns = lape_set(stats, top_rate=0.1)
+    ns = select("lape", stats, top_rate=0.1)
     model, tok = load_model(str(shared_model), torch.device("cpu"), torch.float32)
     return model, tok, ns, ActivationStats.load(shared_sentence_stats), stats.languages
 

@@ -123,4 +123,35 @@ from . import act_prob, ap, language_activated, lape, random_set, top_prob  # no
 #: CLI name -> method module, in the order ``--help`` lists them.
 METHODS = {m.NAME: m for m in (lape, act_prob, top_prob, language_activated, ap, random_set)}
 
-__all__ = ["METHODS", "check_open_unit", "rank_of", "kth_value", "top_count_mask", "prob_table"]
+
+
+def select(method: str, stats, languages: Optional[list[str]] = None, **params):
+    """Run a selection method from Python, exactly as ``langneurons identify METHOD`` would.
+
+    ``stats`` is an :class:`~langneurons.stats.ActivationStats` (or a directory to load);
+    ``params`` are the method's options with underscores (``top_rate=0.05``); options not given take
+    the command-line defaults. Returns the :class:`~langneurons.neuronset.NeuronSet`.
+
+    >>> ns = select("lape", "runs/stats", top_rate=0.05)          # doctest: +SKIP
+    """
+    import argparse
+    from pathlib import Path as _Path
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    module = METHODS[method]
+    parser = argparse.ArgumentParser(prog=f"identify {method}")
+    module.add_arguments(parser)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise UserError(f"{method} has no option {', '.join(unknown)}; it takes {', '.join(sorted(defaults))}")
+    args = argparse.Namespace(**{**defaults, **params})
+    if isinstance(stats, (str, _Path)):
+        from ..stats import ActivationStats
+        stats = ActivationStats.load(stats)
+    if stats is not None:
+        languages = stats.check_languages(languages)
+    return module.run(stats, languages, args)
+
+
+__all__ = ["METHODS", "select", "check_open_unit", "rank_of", "kth_value", "top_count_mask", "prob_table"]
