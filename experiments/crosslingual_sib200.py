@@ -9,12 +9,11 @@ the design end to end on a tiny Llama trained on 8 languages of ../shared/data:
    like the ``shared_model``/``shared_stats`` test fixtures: ``tiny-train`` 600 steps on FLORES
    devtest + NTREX text of en fr es de zh ru ar hi, then ``collect`` windows of 64 tokens, 16 384
    tokens per language, on the FLORES devtest files);
-2. LAPE neurons with ``top_rate`` 0.05 (``langneurons identify lape``; a small local LAPE is used
-   only when that command is missing);
+2. LAPE neurons with ``top_rate`` 0.05 (``langneurons identify lape``);
 3. SIB-200 topic classification (7 classes) trained on English ``train.tsv`` (701 sentences) and
    evaluated on ``test.tsv`` (204 sentences) of all 8 languages, for every condition of
    :mod:`langneurons.finetune.experiment` over 3 seeds, plus test-time interventions on the
-   attention-only model when ``langneurons.intervene`` exists;
+   attention-only model;
 4. ``OUT/results.json``, ``OUT/table.md``, ``OUT/plot.png``.
 
 Hyper-parameters: [M25]'s optimiser (AdamW betas (0.95, 0.999), weight decay 0.1, 1 % warm-up then
@@ -82,53 +81,11 @@ def build_model_and_stats(cache: Path, quiet: bool) -> tuple[Path, Path]:
     return model_dir, stats_dir
 
 
-def local_lape(stats_dir: Path, out: Path, top_rate: float, languages: list[str]) -> None:
-    """LAPE (METHODS.md 3.1) from ``p = count_pos / n`` per language; used only without ``identify``.
-
-    ``q = p / sum_k p``, ``H = -sum_k q ln q``; neurons whose ``p <= tau_f`` (the value of rank
-    ``round(0.95 * L*I*K)``) for every language get ``H = inf``; the ``round(top_rate * L*I)`` lowest
-    finite ``H`` are selected; a selected neuron belongs to language k when ``p_k > tau_b`` (rank
-    ``round(0.95 * L*I*K)`` as well).
-    """
-    import torch
-    from langneurons.neuronset import NeuronSet
-    from langneurons.stats import ActivationStats
-    st = ActivationStats.load(stats_dir)
-    p = torch.stack([st.get(c).prob() for c in languages], -1).double()           # [L, I, K]
-    L, I, K = p.shape
-    q = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-    H = -(torch.where(q > 0, q * q.log(), torch.zeros_like(q))).sum(-1)
-    flat = p.reshape(-1)
-    rank = min(max(int(round(0.95 * flat.numel())), 1), flat.numel())
-    tau = float(torch.kthvalue(flat, rank).values)
-    H = torch.where((p > tau).any(-1), H, torch.full_like(H, float("inf")))
-    k = min(max(int(round(top_rate * L * I)), 1), L * I)
-    order = torch.argsort(H.reshape(-1), stable=True)[:k]
-    order = order[torch.isfinite(H.reshape(-1)[order])]
-    sel = torch.zeros(L * I, dtype=torch.bool)
-    sel[order] = True
-    sel = sel.reshape(L, I)
-    masks = {c: sel & (p[..., i] > tau) for i, c in enumerate(languages)}
-    NeuronSet.from_masks(masks, st.model_info, {"name": "lape", "languages": languages,
-                                                "params": {"top_rate": top_rate, "filter_rate": 0.95,
-                                                           "activation_bar_ratio": 0.95, "implementation": "local"},
-                                                "stats_fingerprint": st.fingerprint}).save(out)
-
-
-def lape_neurons(stats_dir: Path, out: Path, top_rate: float) -> str:
-    if out.is_file():
-        return "existing file"
-    try:
-        import langneurons.identify.lape  # noqa: F401
-        from langneurons.cli import main as cli
-    except ImportError:
-        local_lape(stats_dir, out, top_rate, list(LANGS))
-        return "local LAPE (langneurons.identify missing)"
-    rc = cli(["identify", "lape", "--stats", str(stats_dir), "--out", str(out), "--top-rate", str(top_rate),
-              "--languages", ",".join(LANGS)])
-    if rc != 0:
-        sys.exit(f"crosslingual_sib200: 'langneurons identify lape' failed with status {rc}")
-    return "langneurons identify lape"
+def lape_neurons(stats_dir: Path, out: Path, top_rate: float) -> None:
+    """LAPE neurons of the 8 languages (``langneurons identify lape``), kept in ``out`` across reruns."""
+    if not out.is_file():
+        from langneurons.identify import select
+        select("lape", stats_dir, list(LANGS), top_rate=top_rate).save(out)
 
 
 def main(argv=None) -> int:
@@ -164,14 +121,8 @@ def main(argv=None) -> int:
         args.model, args.stats = build_model_and_stats(args.cache, args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     neurons = args.out / "lape.json"
-    how = lape_neurons(args.stats, neurons, args.top_rate)
+    lape_neurons(args.stats, neurons, args.top_rate)
     ops = [o for o in args.interventions.split(",") if o.strip()]
-    if ops:
-        try:
-            import langneurons.intervene  # noqa: F401
-        except ImportError:
-            print("langneurons.intervene is missing: no test-time interventions", file=sys.stderr)
-            ops = []
     cfg = ExperimentConfig(
         model=str(args.model), train=str(sib / "eng_Latn" / "train.tsv"),
         eval={c: str(sib / d / "test.tsv") for c, (d, _) in LANGS.items()}, neurons=str(neurons), out=args.out,
@@ -183,10 +134,11 @@ def main(argv=None) -> int:
                            max_length=args.max_length, pooling=args.pooling, r=8, alpha=16.0, attn_modules="q,k,v,o",
                            device="cpu", dtype="float32", threads=args.threads))
     res = run_experiment(cfg, workers=args.workers, threads_per_worker=args.threads)
-    meta = {"neurons": how, "model": str(args.model), "stats": str(args.stats)}
+    meta = {"neurons": f"langneurons identify lape --top-rate {args.top_rate}", "model": str(args.model),
+            "stats": str(args.stats)}
     (args.out / "provenance.json").write_text(json.dumps(meta, indent=1))
     print((args.out / "table.md").read_text(encoding="utf-8"))
-    print(f"neurons: {how}; {res['seconds']} s; outputs in {args.out}", file=sys.stderr)
+    print(f"{res['seconds']} s; outputs in {args.out}", file=sys.stderr)
     return 0
 
 

@@ -14,7 +14,8 @@ import torch
 from langneurons.cli import main
 from langneurons.errors import UserError
 from langneurons.finetune import data as D
-from langneurons.finetune.evaluate import answer_words, normalize_answer, qa_scores
+from langneurons.finetune.evaluate import qa_scores
+from langneurons.tasks.xquad import answer_words, normalize_answer
 from langneurons.finetune.experiment import paired_bootstrap
 from langneurons.finetune.train import FinetuneConfig, TrainingStopped, lr_lambda, train
 
@@ -138,7 +139,8 @@ def test_qa_sequences_mask_the_prompt(demo_model, tmp_path):
 
 def test_qa_metrics_by_hand():
     assert normalize_answer("The  Seine!") == "seine"
-    assert answer_words("北京大学") == ["北", "京", "大", "学"]
+    assert answer_words("北京大学", mixed=True) == ["北", "京", "大", "学"]
+    assert answer_words("北京大学") == ["北京大学"]
     s = qa_scores("in the Seine river", ["the Seine"])
     assert s["em"] == 0.0 and s["f1"] == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
     assert qa_scores("Seine", ["Paris", "the Seine"])["em"] == 1.0
@@ -305,12 +307,7 @@ def test_experiment_end_to_end_small(demo_model, demo_stats, tmp_path):
     dd = tmp_path / "data"
     train_file = _sib(dd)
     ns = _hand_neurons(tmp_path / "ns.json")
-    ops = []
-    try:
-        import langneurons.intervene  # noqa: F401
-        ops = ["set:mean"]
-    except ImportError:
-        pass
+    ops = ["set:mean"]
     cfg = ExperimentConfig(model=str(demo_model), train=str(train_file), eval={"en": str(train_file), "fr": str(train_file)},
                            neurons=str(ns), out=tmp_path / "exp", seeds=[0, 1],
                            conditions=["attn", "ln-target", "rand-target"], interventions=ops, stats=str(demo_stats),

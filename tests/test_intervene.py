@@ -484,6 +484,8 @@ def test_bad_input_errors():
     stats = make_stats(L, I)
     with pytest.raises(UserError, match="unknown language 'xx'"):
         Intervention(ns, ["xx"], "zero")
+    with pytest.raises(UserError, match="unknown statistic 'bogus'"):
+        Intervention(ns, ["aa"], "set:bogus", stats=stats)
     with pytest.raises(UserError, match="needs activation statistics"):
         Intervention(ns, ["aa"], "set:mean")
     with pytest.raises(UserError, match=r"p_max.*--unit sentence"):

@@ -319,7 +319,7 @@ def _eval(argv, capsys):
 
 @pytest.mark.parametrize("task,files,expect", [
     ("xcopa", {"test.zh.jsonl": '{"premise": "a.", "choice1": "b", "choice2": "c", "question": "effect", '
-                                '"label": 1}\n{not json}\n'}, "line 2: not valid JSON"),
+                                '"label": 1}\n{not json}\n'}, ":2 is not valid JSON"),
     ("xcopa", {"test.zh.jsonl": '{"premise": "a.", "choice1": "b", "choice2": "c", "question": "why", '
                                 '"label": 1}\n'}, "question must be 'cause' or 'effect'"),
     ("xnli", {"xnli_test_zh.tsv": "id\tpremise\thypothesis\tlabel\n0\ta\tb\t7\n"}, "is not 0, 1 or 2"),

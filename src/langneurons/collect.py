@@ -37,7 +37,7 @@ from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, it
 from .errors import UserError
 from .hooks import check_fired, observe
 from .stats import (DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats, LanguageStats,
-                    atomic_save_tensors, atomic_write_text, calibration_edges)
+                    atomic_write_text, calibration_edges)
 
 #: Bump when a change alters the statistics the same command collects (caches key on it).
 COLLECT_VERSION = 1
@@ -76,20 +76,25 @@ class CollectConfig:
         check_site(self.site)
         if self.unit not in ("window", "sentence"):
             raise UserError(f"unknown --unit {self.unit!r}; use window or sentence")
-        if self.window < 2:
-            raise UserError(f"--window {self.window} is too small; use at least 2 tokens")
-        if self.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise UserError("--max-tokens must be positive")
+        check_run_options(self.window, self.batch_size, self.max_tokens, self.dtype)
         if self.sketch_bins < 0 or self.sketch_bins == 1:
             raise UserError("--sketch-bins must be 0 (no sketch) or at least 2")
         if self.sketch_kind not in SKETCH_KINDS:
             raise UserError(f"unknown --sketch {self.sketch_kind!r}; use one of {', '.join(SKETCH_KINDS)}")
         if self.bos not in ("window", "none") or self.separator not in ("eos", "none"):
             raise UserError("--bos must be window or none and --separator eos or none")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {self.dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
+
+
+def check_run_options(window: int, batch_size: int, max_tokens: Optional[int], dtype: str) -> None:
+    """The options every command that runs a model over text windows shares, checked the same way."""
+    if window < 2:
+        raise UserError(f"--window {window} is too small; use at least 2 tokens")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError("--max-tokens must be positive")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
 
 
 # ---------------------------------------------------------------------------------------- model loading

@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import UserError
+from .jsonl import iter_jsonl
 
 _CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -119,28 +120,21 @@ def iter_documents(items: list[str], text_field: str = "text", code: str = "?") 
                     yield text.strip()
             continue
         path = Path(item)
+        if path.suffix == ".jsonl":
+            hint = f"each line of a .jsonl corpus must be an object with a {text_field!r} field"
+            for where, rec in iter_jsonl(path, hint):
+                text = rec.get(text_field)
+                if not isinstance(text, str):
+                    raise UserError(f"{where} has no string field {text_field!r}; fix the file or pass --text-field")
+                if text.strip():
+                    yield text.strip()
+            continue
         try:
             with open(path, "r", encoding="utf-8") as f:
-                if path.suffix == ".jsonl":
-                    for n, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError:
-                            raise UserError(f"{path}:{n} is not valid JSON; each line of a .jsonl corpus must be "
-                                            f"an object with a {text_field!r} field") from None
-                        text = rec.get(text_field) if isinstance(rec, dict) else None
-                        if not isinstance(text, str):
-                            raise UserError(f"{path}:{n} has no string field {text_field!r}; "
-                                            "fix the file or pass --text-field")
-                        if text.strip():
-                            yield text.strip()
-                else:
-                    for line in f:
-                        line = line.strip()
-                        if line:
-                            yield line
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        yield line
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
 

@@ -9,7 +9,9 @@ Steps (each one is the same command a user would run, called in-process):
    top-prob, plus a matched random control of the LAPE set;
 4. ``neurons plot`` and ``compare``: layer distributions and overlaps;
 5. ``ppl``: the deactivation perplexity matrix on the held-out lines, with random-control rows;
-6. ``steer``: generations toward each language under ``set:p_max``;
+6. ``collect --unit sentence`` (per-sentence means, for ``set:p_max``) and ``steer --generation``:
+   the share of sampled generations an offline language identifier assigns to each target language
+   under ``zero``, ``set:batch-p10`` and ``set:p_max``;
 7. ``report``: one self-contained HTML page.
 
 Every artifact stays in OUT, so the run can be inspected or continued from the command line.
@@ -26,6 +28,8 @@ from pathlib import Path
 from .errors import UserError
 
 DEMO_TOP_RATE = 0.05  # the tiny model has 4 x 384 neurons: 1% would be 15 neurons in all
+#: [R25]'s ordering to see: p_max steers more than zero and batch-p10
+STEER_OPERATORS = ("zero", "set:batch-p10", "set:p_max")
 
 
 def corpus_dir() -> Path:
@@ -68,37 +72,39 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
     _step("collect", ["collect", "--model", str(model), *lang_args, "--out", str(stats), "--window", "64",
                       "--max-tokens", str(max_tokens), "--batch-size", "16", "--device", "cpu",
                       "--cache-dir", str(out / "cache"), *q], stats / "stats.json", log)
-    if _has_command("identify"):
-        neurons.mkdir(exist_ok=True)
-        common = ["--stats", str(stats)]
-        _step("identify lape", ["identify", "lape", *common, "--top-rate", str(DEMO_TOP_RATE),
-                                "--out", str(neurons / "lape.json")], neurons / "lape.json", log)
-        _step("identify act-prob (pooled)", ["identify", "act-prob-percentile", *common, "--threshold", "pooled",
-                                             "--rate", "0.005", "--out", str(neurons / "act_prob_pooled.json")],
-              neurons / "act_prob_pooled.json", log)
-        _step("identify act-prob (own)", ["identify", "act-prob-percentile", *common, "--threshold", "own",
-                                          "--rate", "0.005", "--out", str(neurons / "act_prob_own.json")],
-              neurons / "act_prob_own.json", log)
-        _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(DEMO_TOP_RATE),
-                                    "--out", str(neurons / "top_prob.json")], neurons / "top_prob.json", log)
-        _step("identify random", ["identify", "random", "--stats", str(stats), "--of", str(neurons / "lape.json"),
-                                  "--seed", "0", "--out", str(neurons / "random_lape.json")],
-              neurons / "random_lape.json", log)
-    if _has_command("neurons"):
-        _step("plots", ["neurons", "plot", str(neurons / "lape.json"), "--out-dir", str(out / "plots")],
-              out / "plots", log)
+    neurons.mkdir(exist_ok=True)
+    common = ["--stats", str(stats)]
+    _step("identify lape", ["identify", "lape", *common, "--top-rate", str(DEMO_TOP_RATE),
+                            "--out", str(neurons / "lape.json")], neurons / "lape.json", log)
+    _step("identify act-prob (pooled)", ["identify", "act-prob-percentile", *common, "--threshold", "pooled",
+                                         "--rate", "0.005", "--out", str(neurons / "act_prob_pooled.json")],
+          neurons / "act_prob_pooled.json", log)
+    _step("identify act-prob (own)", ["identify", "act-prob-percentile", *common, "--threshold", "own",
+                                      "--rate", "0.005", "--out", str(neurons / "act_prob_own.json")],
+          neurons / "act_prob_own.json", log)
+    _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(DEMO_TOP_RATE),
+                                "--out", str(neurons / "top_prob.json")], neurons / "top_prob.json", log)
+    _step("identify random", ["identify", "random", "--stats", str(stats), "--of", str(neurons / "lape.json"),
+                              "--seed", "0", "--out", str(neurons / "random_lape.json")],
+          neurons / "random_lape.json", log)
+    _step("plots", ["neurons", "plot", str(neurons / "lape.json"), "--out-dir", str(out / "plots")],
+          out / "plots", log)
     held = model / "heldout"
     held_args = [a for c in langs for a in ("--lang", f"{c}={held / (c + '.txt')}")]
-    if _has_command("ppl"):
-        _step("ppl", ["ppl", "--model", str(model), "--neurons", str(neurons / "lape.json"), "--stats", str(stats),
-                      *held_args, "--out", str(out / "ppl"), "--window", "64", "--random-seeds", "0", *q],
-              out / "ppl" / "ppl.json", log)
-    if _has_command("report"):
-        _step("report", ["report", str(out)], out / "report.html", log)
+    _step("ppl", ["ppl", "--model", str(model), "--neurons", str(neurons / "lape.json"), "--stats", str(stats),
+                  *held_args, "--out", str(out / "ppl"), "--window", "64", "--random-seeds", "0", *q],
+          out / "ppl" / "ppl.json", log)
+    # set:p_max needs per-sentence means: a sentence-unit pass over the same text
+    sent_stats = out / "stats-sentence"
+    _step("collect sentences", ["collect", "--model", str(model), *lang_args, "--out", str(sent_stats),
+                                "--unit", "sentence", "--window", "64", "--sentences", "200", "--batch-size", "32",
+                                "--device", "cpu", "--cache-dir", str(out / "cache"), *q],
+          sent_stats / "stats.json", log)
+    _step("steer", ["steer", "--model", str(model), "--neurons", str(neurons / "lape.json"),
+                    "--stats", str(sent_stats), "--languages", ",".join(langs), "--generation",
+                    "--operator", ",".join(STEER_OPERATORS), "--samples", "2", "--max-new-tokens", "16",
+                    "--device", "cpu", "--out", str(out / "steer"), *q], out / "steer" / "steer.json", log)
+    _step("report", ["report", str(out)], out / "report.html", log)
     log(f"[demo] done in {time.time() - t0:.0f} s: {out / 'report.html'}")
     return out / "report.html"
 
-
-def _has_command(name: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(f"langneurons.commands.{name}") is not None

@@ -203,20 +203,13 @@ class PPLConfig:
 def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     """Load everything, compute the matrix, write ``OUT/ppl.json`` and ``OUT/ppl.png``; return the record."""
     from .arch import Adapter
-    from .collect import DTYPES, load_model, resolve_device, resolve_dtype
+    from .collect import check_run_options, load_model, resolve_device, resolve_dtype
     from .intervene import parse_operator
     from .neuronset import NeuronSet, random_control
     from .plots import plot_heatmap
     from .stats import ActivationStats, atomic_write_text
 
-    if cfg.window < 2:
-        raise UserError(f"--window {cfg.window} is too small; use at least 2 tokens")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise UserError("--max-tokens must be positive")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {cfg.dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
+    check_run_options(cfg.window, cfg.batch_size, cfg.max_tokens, cfg.dtype)
     if any(s < 0 for s in cfg.random_seeds):
         raise UserError("--random-seeds must be non-negative integers")
     out = Path(cfg.out)

@@ -69,6 +69,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .errors import UserError
+from .jsonl import iter_jsonl, read_jsonl
 from .intervene import Intervention, intervene
 
 STEER_FORMAT = "langneurons.steer.v1"
@@ -111,30 +112,23 @@ def load_cloze_jsonl(path, languages: Optional[Sequence[str]] = None) -> list[Cl
     if not path.is_file():
         raise UserError(f"cloze file {path} does not exist; check --cloze")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    hint = 'each line must be an object {"id": ..., "lang": {"en": {"prompt": ..., "object": ...}, ...}}'
+    for where, rec in iter_jsonl(path, hint):
+        lang = rec.get("lang")
+        if not isinstance(lang, dict):
+            raise UserError(f"{where} has no 'lang' object; see the cloze format in 'langneurons steer --help'")
+        prompts, objects, seps = {}, {}, {}
+        for code, entry in lang.items():
+            if languages is not None and code not in languages:
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n} is not valid JSON; each line must be an object "
-                                '{"id": ..., "lang": {"en": {"prompt": ..., "object": ...}, ...}}') from None
-            lang = rec.get("lang") if isinstance(rec, dict) else None
-            if not isinstance(lang, dict):
-                raise UserError(f"{path}:{n} has no 'lang' object; see the cloze format in 'langneurons steer --help'")
-            prompts, objects, seps = {}, {}, {}
-            for code, entry in lang.items():
-                if languages is not None and code not in languages:
-                    continue
-                if (not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str)
-                        or not isinstance(entry.get("object"), str) or not entry["object"].strip()):
-                    raise UserError(f"{path}:{n}: lang.{code} needs string fields 'prompt' and 'object'")
-                prompts[code], objects[code] = entry["prompt"], entry["object"]
-                if isinstance(entry.get("sep"), str):
-                    seps[code] = entry["sep"]
-            if len(prompts) >= 2:
-                items.append(ClozeItem(str(rec.get("id", n)), prompts, objects, seps))
+            if (not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str)
+                    or not isinstance(entry.get("object"), str) or not entry["object"].strip()):
+                raise UserError(f"{where}: lang.{code} needs string fields 'prompt' and 'object'")
+            prompts[code], objects[code] = entry["prompt"], entry["object"]
+            if isinstance(entry.get("sep"), str):
+                seps[code] = entry["sep"]
+        if len(prompts) >= 2:
+            items.append(ClozeItem(str(rec.get("id", where.rsplit(":", 1)[1])), prompts, objects, seps))
     if not items:
         raise UserError(f"{path} holds no item with at least two of the requested languages")
     return items
@@ -143,18 +137,6 @@ def load_cloze_jsonl(path, languages: Optional[Sequence[str]] = None) -> list[Cl
 def save_cloze_jsonl(items: Sequence[ClozeItem], path) -> None:
     from .stats import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(it.to_json(), ensure_ascii=False) + "\n" for it in items))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{n} is not valid JSON") from None
-    return out
 
 
 def mlama_prompt(template: str, subject: str, mode: str = "prefix") -> Optional[str]:
@@ -183,14 +165,14 @@ def load_mlama(root, languages: Sequence[str], relations: Optional[Sequence[str]
         if not tfile.is_file():
             raise UserError(f"{tfile} is missing; --mlama expects ROOT/<lang>/templates.jsonl and "
                             "ROOT/<lang>/<relation>.jsonl per language")
-        templates = {r["relation"]: r["template"] for r in _read_jsonl(tfile) if "relation" in r and "template" in r}
+        templates = {r["relation"]: r["template"] for r in read_jsonl(tfile) if "relation" in r and "template" in r}
         for rel, tpl in templates.items():
             if relations is not None and rel not in relations:
                 continue
             f = d / f"{rel}.jsonl"
             if not f.is_file():
                 continue
-            for r in _read_jsonl(f):
+            for r in read_jsonl(f):
                 sub, obj = r.get("sub_label"), r.get("obj_label")
                 if not isinstance(sub, str) or not isinstance(obj, str) or not obj.strip():
                     continue

@@ -37,7 +37,6 @@ Model access goes through two small callables so that everything here is testabl
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from ..errors import UserError
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "ARROW", "QUOTES", "translation_prompt", "chained_prompt", "extract_answer", "extract_passage", "normalize",
@@ -301,16 +301,7 @@ def load_mrc_jsonl(path) -> list[MRCItem]:
     if not p.is_file():
         raise UserError(f"MRC data file {p} does not exist; give a JSONL file (see 'langneurons bridge mrc --help')")
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not valid JSON ({e.msg}); fix the line") from None
-        if not isinstance(rec, dict):
-            raise UserError(f"{where} is not a JSON object; fix the line")
+    for where, rec in iter_jsonl(p):
         if "flores_passage" in rec:
             opts = [rec.get(f"mc_answer{k}") for k in range(1, 5)]
             passage, ans = rec.get("flores_passage"), rec.get("correct_answer_num")

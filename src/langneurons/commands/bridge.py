@@ -262,7 +262,6 @@ def _layers(args, num_layers: int) -> list[int]:
 
 def _language_neurons(args, languages: Optional[list[str]] = None):
     """``(masks, probs or None, info)``: T_k per language from --neurons or top-prob on --stats."""
-    import torch
     probs, info = None, {}
     stats = None
     if args.stats is not None:

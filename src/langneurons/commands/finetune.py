@@ -215,18 +215,16 @@ def run_eval(args) -> int:
     if args.intervene:
         if not args.neurons or not args.stats:
             raise UserError("--intervene needs --neurons FILE and --stats DIR")
-        try:
-            from ..intervene import Intervention
-        except ImportError:
-            raise UserError("this installation has no langneurons.intervene; drop --intervene") from None
+        from ..intervene import Intervention
         from ..neuronset import NeuronSet
         from ..stats import ActivationStats
         ns = NeuronSet.load(args.neurons)
         stats = ActivationStats.load(args.stats)
 
-        def context_for(lang):
+        def intervention_for(lang):
             iv = Intervention(neurons=ns, languages=[lang], operator=args.intervene, stats=stats, site=ns.site)
             return tm.intervention(iv)
+        context_for = intervention_for
     res = evaluate_sets(tm, sets, batch_size=args.batch_size, max_examples=args.max_examples,
                         max_new_tokens=args.max_new_tokens, context_for=context_for, progress=not args.quiet,
                         max_length=args.max_length)

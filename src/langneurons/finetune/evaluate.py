@@ -1,9 +1,10 @@
 """Evaluation of fine-tuned models: classification accuracy and generative QA (EM / F1).
 
-QA scoring (SQuAD v1.1 style, per example the maximum over the gold answers):
+QA scoring (SQuAD v1.1 style, per example the maximum over the gold answers; the same functions as
+the ``xquad`` task, :mod:`langneurons.tasks.xquad`):
 
-- normalise: lower-case, drop punctuation (every Unicode ``P*`` character), drop the English articles
-  a/an/the, collapse whitespace;
+- normalise: lower-case, drop punctuation (every Unicode ``P*`` character and ASCII punctuation),
+  drop the English articles a/an/the, collapse whitespace;
 - words: whitespace tokens, except that characters of scripts written without spaces (CJK, kana,
   Thai, ...) count one token each (MLQA's "mixed segmentation"), so Chinese and Thai get a
   meaningful F1;
@@ -20,51 +21,19 @@ Both evaluators accept ``context``: a factory of a context manager entered aroun
 from __future__ import annotations
 
 import contextlib
-import re
-import string
-import unicodedata
-from collections import Counter
 from typing import Callable, Optional
 
 import torch
 
+from ..tasks.xquad import squad_em_f1, token_em_f1
 from .data import ClassificationData, QAData, encode_classification, encode_qa, pad_batch
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_NOSPACE = re.compile("([\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff\u0e00-\u0e7f\u0e80-\u0eff\u1000-\u109f])")
-
-
-def normalize_answer(s: str) -> str:
-    s = s.lower()
-    s = "".join(" " if unicodedata.category(ch).startswith("P") or ch in string.punctuation else ch for ch in s)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def answer_words(s: str) -> list[str]:
-    return _NOSPACE.sub(r" \1 ", normalize_answer(s)).split()
-
-
-def f1_of(pred: list, gold: list) -> float:
-    if not pred or not gold:
-        return float(pred == gold)
-    common = Counter(pred) & Counter(gold)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    p, r = same / len(pred), same / len(gold)
-    return 2 * p * r / (p + r)
-
-
 def qa_scores(pred: str, golds: list[str], tok=None) -> dict[str, float]:
-    pw = answer_words(pred)
-    out = {"em": max(float(pw == answer_words(g)) for g in golds),
-           "f1": max(f1_of(pw, answer_words(g)) for g in golds)}
+    """SQuAD EM/F1 with mixed segmentation, plus token-id EM/F1 when ``tok`` is given."""
+    em, f1 = squad_em_f1(pred, golds, mixed=True)
+    out = {"em": em, "f1": f1}
     if tok is not None:
-        pt = tok(pred.strip(), add_special_tokens=False)["input_ids"]
-        gts = [tok(g.strip(), add_special_tokens=False)["input_ids"] for g in golds]
-        out["em_tokens"] = max(float(pt == g) for g in gts)
-        out["f1_tokens"] = max(f1_of(pt, g) for g in gts)
+        out["em_tokens"], out["f1_tokens"] = token_em_f1(pred, golds, tok)
     return out
 
 

@@ -49,7 +49,6 @@ import torch
 from ..errors import UserError
 from ..neuronset import NeuronSet, random_control
 from ..stats import atomic_write_text
-from . import data as D
 from .train import FinetuneConfig, TaskModel, evaluate_sets, train
 
 CONDITIONS = ("attn", "ln-source", "ln-target", "ln-both", "rand-source", "rand-target", "rand-both")
@@ -229,11 +228,6 @@ def run_experiment(cfg: ExperimentConfig, base=None, workers: int = 1, threads_p
     ns = cfg.validate()
     stats = None
     if cfg.interventions:
-        try:
-            import langneurons.intervene  # noqa: F401
-        except ImportError:
-            raise UserError("test-time interventions need langneurons.intervene, which this installation "
-                            "lacks; drop --interventions") from None
         from ..stats import ActivationStats
         stats = ActivationStats.load(cfg.stats)
     out = Path(cfg.out)

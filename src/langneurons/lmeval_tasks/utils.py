@@ -12,8 +12,10 @@ keeps only the records of that language (``--metadata '{"lang": "fr"}'``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from langneurons.errors import UserError
+from langneurons.jsonl import iter_jsonl
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,22 +26,15 @@ def load_local(data_file: str = "langneurons_mc.jsonl", lang=None, **_ignored):
     if not path.is_absolute():
         path = HERE / path
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("context", "choices", "label") if k not in rec]
-            if missing:
-                raise ValueError(f"{path} line {n}: missing field(s) {', '.join(missing)}")
-            if not 0 <= int(rec["label"]) < len(rec["choices"]):
-                raise ValueError(f"{path} line {n}: label {rec['label']} is not an index of choices")
-            if lang is None or rec.get("lang") == lang:
-                records.append({"lang": rec.get("lang", ""), "context": rec["context"],
-                                "choices": list(rec["choices"]), "label": int(rec["label"])})
+    for where, rec in iter_jsonl(path, 'each line must be {"context": ..., "choices": [...], "label": N}'):
+        missing = [k for k in ("context", "choices", "label") if k not in rec]
+        if missing:
+            raise UserError(f"{where}: missing field(s) {', '.join(missing)}; add them")
+        if not 0 <= int(rec["label"]) < len(rec["choices"]):
+            raise UserError(f"{where}: label {rec['label']} is not an index of choices; fix the label")
+        if lang is None or rec.get("lang") == lang:
+            records.append({"lang": rec.get("lang", ""), "context": rec["context"],
+                            "choices": list(rec["choices"]), "label": int(rec["label"])})
     if not records:
-        raise ValueError(f"{path}: no records{'' if lang is None else f' for lang {lang!r}'}")
+        raise UserError(f"{path}: no records{'' if lang is None else f' for lang {lang!r}'}")
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})

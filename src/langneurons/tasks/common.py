@@ -56,26 +56,6 @@ def flores_code(lang: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file (blank lines skipped); a bad line is a one-line UserError."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove that line") from None
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path} line {n}: expected a JSON object per line; fix that line")
-                out.append(rec)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
-    return out
-
-
 def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .common import LANGUAGE_NAMES, LETTERS, LetterTask, flores_code, read_jsonl
+from ..jsonl import read_jsonl
+from .common import LANGUAGE_NAMES, LETTERS, LetterTask, flores_code
 
 
 def _choices(r: dict) -> Optional[list[str]]:

@@ -23,7 +23,8 @@ import unicodedata
 from pathlib import Path
 
 from ..errors import UserError
-from .common import ChoiceTask, need, read_jsonl
+from ..jsonl import read_jsonl
+from .common import ChoiceTask, need
 
 #: language -> (cause connector, effect connector), as in lm-evaluation-harness (en for COPA files).
 CONNECTORS = {

@@ -31,6 +31,8 @@ from .common import GenerateTask, read_json
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _ASCII_PUNCT = set(string.punctuation)
+#: characters of scripts written without spaces (CJK, kana, Hangul, Thai, Lao, Myanmar)
+_NOSPACE = re.compile("([\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff\u0e00-\u0e7f\u0e80-\u0eff\u1000-\u109f])")
 
 
 def normalize_answer(text: str) -> str:
@@ -41,7 +43,16 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def answer_words(text: str, mixed: bool = False) -> list[str]:
+    """Words of a normalised answer: whitespace tokens, or with ``mixed`` (MLQA's "mixed
+    segmentation") every character of a script written without spaces as a word of its own."""
+    text = normalize_answer(text)
+    return (_NOSPACE.sub(r" \1 ", text) if mixed else text).split()
+
+
 def _f1(pred: Sequence, gold: Sequence) -> float:
+    if not pred or not gold:
+        return float(len(pred) == len(gold))
     common = Counter(pred) & Counter(gold)
     same = sum(common.values())
     if same == 0:
@@ -50,14 +61,15 @@ def _f1(pred: Sequence, gold: Sequence) -> float:
     return 2 * p * r / (p + r)
 
 
-def squad_em_f1(prediction: str, answers: Iterable[str]) -> tuple[float, float]:
-    """``(EM, F1)`` of one prediction against its gold answers (max over answers)."""
-    pred = normalize_answer(prediction)
+def squad_em_f1(prediction: str, answers: Iterable[str], mixed: bool = False) -> tuple[float, float]:
+    """``(EM, F1)`` of one prediction against its gold answers (max over answers); ``mixed``: see
+    :func:`answer_words`."""
+    pred = answer_words(prediction, mixed)
     em = f1 = 0.0
     for a in answers:
-        gold = normalize_answer(a)
+        gold = answer_words(a, mixed)
         em = max(em, float(pred == gold))
-        f1 = max(f1, _f1(pred.split(), gold.split()))
+        f1 = max(f1, _f1(pred, gold))
     return em, f1
 
 
