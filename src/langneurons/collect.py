@@ -34,10 +34,11 @@ from . import __version__
 from .arch import Adapter, check_site, parse_arch_override
 from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, iter_documents, load_sentences,
                      load_stream, select_windows, tokenizer_fingerprint)
+from .atomic import atomic_write_text
 from .errors import UserError
 from .hooks import check_fired, observe
 from .stats import (DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats, LanguageStats,
-                    atomic_write_text, calibration_edges)
+                    calibration_edges)
 
 #: Bump when a change alters the statistics the same command collects (caches key on it).
 COLLECT_VERSION = 1

@@ -84,7 +84,7 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
           neurons / "act_prob_own.json", log)
     _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(DEMO_TOP_RATE),
                                 "--out", str(neurons / "top_prob.json")], neurons / "top_prob.json", log)
-    _step("identify random", ["identify", "random", "--stats", str(stats), "--of", str(neurons / "lape.json"),
+    _step("identify random", ["identify", "random", "--of", str(neurons / "lape.json"),
                               "--seed", "0", "--out", str(neurons / "random_lape.json")],
           neurons / "random_lape.json", log)
     _step("plots", ["neurons", "plot", str(neurons / "lape.json"), "--out-dir", str(out / "plots")],
@@ -102,7 +102,7 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
           sent_stats / "stats.json", log)
     _step("steer", ["steer", "--model", str(model), "--neurons", str(neurons / "lape.json"),
                     "--stats", str(sent_stats), "--languages", ",".join(langs), "--generation",
-                    "--operator", ",".join(STEER_OPERATORS), "--samples", "2", "--max-new-tokens", "16",
+                    "--operator", ",".join(STEER_OPERATORS), "--samples", "4", "--max-new-tokens", "16",
                     "--device", "cpu", "--out", str(out / "steer"), *q], out / "steer" / "steer.json", log)
     _step("report", ["report", str(out)], out / "report.html", log)
     log(f"[demo] done in {time.time() - t0:.0f} s: {out / 'report.html'}")

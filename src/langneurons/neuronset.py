@@ -26,13 +26,12 @@ from __future__ import annotations
 import copy
 import json
 import numbers
-import os
-import tempfile
 from pathlib import Path
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from .atomic import atomic_write_text
 from .errors import UserError
 
 FORMAT = "langneurons.neuronset.v1"
@@ -60,27 +59,6 @@ __all__ = [
 def _is_int(value) -> bool:
     """True for Python/numpy-style integers, False for bools and floats."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"cannot write {path}: directory {directory} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _normalise_model(model: Mapping, where: str) -> dict:
@@ -380,7 +358,7 @@ class NeuronSet:
                  for lang, rows in doc["neurons"].items()]
         neurons = "{\n" + ",\n".join(lines) + "\n  }" if lines else "{}"
         text = head[:-2] + ',\n  "neurons": ' + neurons + "\n}\n"
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text, create_dirs=False)
         self.path = path
         return path
 

@@ -8,11 +8,10 @@ display needed). Files are written atomically: a temporary file in the target di
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from .atomic import atomic_write
 from .errors import UserError
 
 __all__ = ["plot_layer_distribution", "plot_heatmap"]
@@ -30,22 +29,7 @@ def _new_figure(figsize):
 
 
 def _save_png(fig, path) -> Path:
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"cannot write {path}: directory {directory} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"), create_dirs=False)
 
 
 def plot_layer_distribution(ns, path, title: str | None = None) -> Path:

@@ -207,7 +207,8 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     from .intervene import parse_operator
     from .neuronset import NeuronSet, random_control
     from .plots import plot_heatmap
-    from .stats import ActivationStats, atomic_write_text
+    from .atomic import atomic_write_text
+    from .stats import ActivationStats
 
     check_run_options(cfg.window, cfg.batch_size, cfg.max_tokens, cfg.dtype)
     if any(s < 0 for s in cfg.random_seeds):

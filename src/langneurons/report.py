@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from .errors import UserError
-from .stats import atomic_write_text
+from .atomic import atomic_write_text
 
 __all__ = ["render_report", "build_html"]
 

@@ -135,7 +135,7 @@ def load_cloze_jsonl(path, languages: Optional[Sequence[str]] = None) -> list[Cl
 
 
 def save_cloze_jsonl(items: Sequence[ClozeItem], path) -> None:
-    from .stats import atomic_write_text
+    from .atomic import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(it.to_json(), ensure_ascii=False) + "\n" for it in items))
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .corpus import LanguageSource, iter_documents
 from .errors import UserError
-from .stats import atomic_write_text
+from .atomic import atomic_write_text
 
 #: Bump when a change alters what the same command trains (caches of trained models key on it).
 TRAINER_VERSION = 1

@@ -44,7 +44,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from ..stats import atomic_save_tensors, atomic_write_text
+from ..atomic import atomic_write_text
+from ..stats import atomic_save_tensors
 from .icl import Generate, extract_answer, group_pairs, is_correct, translation_prompt
 
 __all__ = ["FILTERS", "SPLITS", "PROBE_FORMAT", "read_dictionary_file", "muse_file", "load_dictionary",

@@ -29,7 +29,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from ..stats import atomic_write_text
+from ..atomic import atomic_write_text
 from .hsic import VARIANTS, hsic_matrix, layer_score
 from .overlap import NeuronDefinition, bridge_mask, layer_rows, overlap_mask
 

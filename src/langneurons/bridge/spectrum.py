@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from ..stats import atomic_write_text
+from ..atomic import atomic_write_text
 from .select import bridge_score
 
 __all__ = ["jaccard_from_overlap", "hsic_language_matrix", "compute_spectrum", "save_spectrum"]

@@ -301,7 +301,7 @@ def _model_block(info: dict, L: int, I: int) -> dict:
 
 def _write_json(path: Path, doc) -> None:
     from ..bridge.select import _json_safe
-    from ..stats import atomic_write_text
+    from ..atomic import atomic_write_text
     atomic_write_text(path, json.dumps(_json_safe(doc), ensure_ascii=False, indent=1))
 
 

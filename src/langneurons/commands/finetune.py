@@ -183,7 +183,7 @@ def _explicit(args) -> dict:
 
 def run_train(args) -> int:
     from ..finetune.train import FinetuneConfig, evaluate_sets, summary, train
-    from ..stats import atomic_write_text
+    from ..atomic import atomic_write_text
     evals = _lang_paths(args.eval, "--eval")
     cfg = FinetuneConfig.build(preset=args.preset, model=args.model, task=args.task, train=args.train, out=args.out,
                                neurons=args.neurons, neuron_langs=args.neuron_langs, seed=args.seed, eval=evals,
@@ -208,7 +208,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from ..finetune.train import evaluate_sets, load_finetuned, summary
-    from ..stats import atomic_write_text
+    from ..atomic import atomic_write_text
     sets = _lang_paths(args.data, "--data")
     tm = load_finetuned(args.run, device=args.device, progress=not args.quiet)
     context_for = None

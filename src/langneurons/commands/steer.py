@@ -162,7 +162,7 @@ def run(args) -> int:
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
                 "neutral_prompts": prompts if args.generation else None}
     record = S.steer_record(ev, langs, settings, skipped)
-    from ..stats import atomic_write_text
+    from ..atomic import atomic_write_text
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "steer.json", json.dumps(record, indent=1, ensure_ascii=False))
     S.plot_steer(record, args.out)

@@ -48,7 +48,7 @@ import torch
 
 from ..errors import UserError
 from ..neuronset import NeuronSet, random_control
-from ..stats import atomic_write_text
+from ..atomic import atomic_write_text
 from .train import FinetuneConfig, TaskModel, evaluate_sets, train
 
 CONDITIONS = ("attn", "ln-source", "ln-target", "ln-both", "rand-source", "rand-target", "rand-both")

@@ -75,7 +75,7 @@ from torch import nn
 from ..arch import Adapter
 from ..errors import UserError
 from ..neuronset import NeuronSet
-from ..stats import atomic_write_text
+from ..atomic import atomic_write_text
 
 MASK_FILE = "langneurons_mask.json"
 MASK_FORMAT = "langneurons.masked_lora.v1"

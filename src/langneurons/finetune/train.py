@@ -41,7 +41,7 @@ from torch import nn
 from .. import __version__
 from ..errors import UserError
 from ..neuronset import NeuronSet
-from ..stats import atomic_write_text
+from ..atomic import atomic_write_text
 from . import data as D
 from .heads import SequenceClassifier, lm_token_loss, resolve_pooling
 from .masked_lora import (ATTN_ROLES, MASK_FILE, MLP_ROLES, LoraSpec, apply_lora, load_adapter, parse_roles,

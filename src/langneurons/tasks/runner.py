@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from ..stats import atomic_write_text
+from ..atomic import atomic_write_text
 from . import get_task
 from .scoring import Scorer
 
