@@ -324,3 +324,20 @@ def test_plots_write_png(ns, tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["jaccard.png", "layers.png", "overlap.png", "ppl.png"]
     with pytest.raises(UserError, match="labels"):
         plot_heatmap(j, langs[:1], langs, tmp_path / "bad.png", "t", ".2f")
+
+
+def test_bar_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from langneurons.plots import plot_bars
+
+    p1 = plot_bars([0.3, float("nan"), -0.1], ["fr", "de", "zh"], tmp_path / "rank.png", highlight="fr",
+                   value_fmt=".3g", ylabel="score", title="bridges")
+    p2 = plot_bars([[40.0, 30.0], [42.0, float("nan")]], ["en", "fr"], tmp_path / "grouped.png",
+                   series=["attn", "ln"], errors=[[1.0, 2.0], [0.5, 0.0]], ylabel="accuracy (%)")
+    for p in (p1, p2):
+        assert p.read_bytes().startswith(PNG_MAGIC) and p.stat().st_size > 2000
+    with pytest.raises(UserError, match="one value per label"):
+        plot_bars([1.0, 2.0], ["a"], tmp_path / "bad.png")
+    with pytest.raises(UserError, match="series names"):
+        plot_bars([[1.0], [2.0]], ["a"], tmp_path / "bad.png", series=["x"])
+    assert not (tmp_path / "bad.png").exists()

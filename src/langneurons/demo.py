@@ -24,6 +24,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 from .errors import UserError
 
@@ -53,7 +54,15 @@ def _step(name: str, argv: list[str], done: Path, log) -> None:
     log(f"[demo] {name}: {time.time() - t:.0f} s")
 
 
-def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool = False) -> Path:
+def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool = False,
+             languages: Optional[dict[str, str]] = None, top_rate: float = DEMO_TOP_RATE,
+             muse: Optional[Path] = None, samples: int = 4) -> Path:
+    """Run the pipeline into ``out`` and return the report's path.
+
+    ``languages`` (``{code: source}``, sources as in ``--lang CODE=SOURCE``) replaces the embedded
+    corpus; ``muse`` (a directory of MUSE ``en-xx.txt`` dictionaries) adds the Language Steering
+    Shift on cloze items built from them to the steering step.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -61,9 +70,10 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
     q = ["--quiet"] if quiet else []
-    langs = demo_languages()
-    corpus = corpus_dir()
-    lang_args = [a for c in langs for a in ("--lang", f"{c}={corpus / (c + '.txt')}")]
+    if languages is None:
+        languages = {c: str(corpus_dir() / f"{c}.txt") for c in demo_languages()}
+    langs = list(languages)
+    lang_args = [a for c, src in languages.items() for a in ("--lang", f"{c}={src}")]
     model = out / "model"
     stats = out / "stats"
     neurons = out / "neurons"
@@ -74,7 +84,7 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
                       "--cache-dir", str(out / "cache"), *q], stats / "stats.json", log)
     neurons.mkdir(exist_ok=True)
     common = ["--stats", str(stats)]
-    _step("identify lape", ["identify", "lape", *common, "--top-rate", str(DEMO_TOP_RATE),
+    _step("identify lape", ["identify", "lape", *common, "--top-rate", str(top_rate),
                             "--out", str(neurons / "lape.json")], neurons / "lape.json", log)
     _step("identify act-prob (pooled)", ["identify", "act-prob-percentile", *common, "--threshold", "pooled",
                                          "--rate", "0.005", "--out", str(neurons / "act_prob_pooled.json")],
@@ -82,7 +92,7 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
     _step("identify act-prob (own)", ["identify", "act-prob-percentile", *common, "--threshold", "own",
                                       "--rate", "0.005", "--out", str(neurons / "act_prob_own.json")],
           neurons / "act_prob_own.json", log)
-    _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(DEMO_TOP_RATE),
+    _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(top_rate),
                                 "--out", str(neurons / "top_prob.json")], neurons / "top_prob.json", log)
     _step("identify random", ["identify", "random", "--of", str(neurons / "lape.json"),
                               "--seed", "0", "--out", str(neurons / "random_lape.json")],
@@ -102,7 +112,8 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
           sent_stats / "stats.json", log)
     _step("steer", ["steer", "--model", str(model), "--neurons", str(neurons / "lape.json"),
                     "--stats", str(sent_stats), "--languages", ",".join(langs), "--generation",
-                    "--operator", ",".join(STEER_OPERATORS), "--samples", "4", "--max-new-tokens", "16",
+                    "--operator", ",".join(STEER_OPERATORS), "--samples", str(samples), "--max-new-tokens", "16",
+                    *(["--muse", str(muse), "--items", "20"] if muse else []),
                     "--device", "cpu", "--out", str(out / "steer"), *q], out / "steer" / "steer.json", log)
     _step("report", ["report", str(out)], out / "report.html", log)
     log(f"[demo] done in {time.time() - t0:.0f} s: {out / 'report.html'}")

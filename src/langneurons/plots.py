@@ -1,4 +1,4 @@
-"""PNG plots of neuron sets and language-by-language matrices.
+"""PNG plots: neuron sets per layer, language-by-language matrices, bar charts of scores.
 
 matplotlib is an optional dependency (``pip install langneurons[plot]``); it is imported inside
 the functions, and figures are drawn on the Agg canvas directly (no pyplot global state, no
@@ -14,7 +14,7 @@ from typing import Sequence
 from .atomic import atomic_write
 from .errors import UserError
 
-__all__ = ["plot_layer_distribution", "plot_heatmap"]
+__all__ = ["plot_layer_distribution", "plot_heatmap", "plot_bars"]
 
 
 def _new_figure(figsize):
@@ -113,4 +113,50 @@ def plot_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], p
                 ax.text(j, i, text, ha="center", va="center", fontsize=font, color="white" if v < mid else "black")
     if title:
         ax.set_title(title, fontsize=9)
+    return _save_png(fig, path)
+
+
+def plot_bars(values, labels: Sequence[str], path, *, series: Sequence[str] | None = None, errors=None,
+              highlight: str | None = None, value_fmt: str | None = None, ylabel: str = "", title: str = "") -> Path:
+    """Bar chart, one bar per label, or grouped bars with one group per label and one bar per series.
+
+    ``values`` is ``[n]`` (one series) or ``[s][n]`` with ``series`` naming the ``s`` rows; ``errors``
+    (same shape) are drawn as error bars. ``highlight`` colours the bar of that label differently
+    (one series only). With ``value_fmt`` (``".3g"``) each bar is annotated; NaN values are drawn as
+    empty bars, annotated ``n/a``. Returns ``path``.
+    """
+    import math
+
+    grouped = series is not None
+    rows = _to_rows(values if grouped else [values])
+    errs = _to_rows(errors if grouped else [errors]) if errors is not None else None
+    n = len(labels)
+    if not n or any(len(r) != n for r in rows) or (errs is not None and [len(r) for r in errs] != [n] * len(rows)):
+        raise UserError(f"plot_bars: need one value per label ({n} labels) in every series; check the shapes")
+    if grouped and len(series) != len(rows):
+        raise UserError(f"plot_bars: {len(rows)} series of values but {len(series)} series names")
+    fig = _new_figure((max(4.0, (0.7 + 0.25 * (len(rows) - 1)) * n + 2.0), 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(rows)
+    for k, row in enumerate(rows):
+        xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(n)]
+        heights = [0.0 if math.isnan(v) else v for v in row]
+        kw = {"label": series[k]} if grouped else {}
+        if not grouped:
+            kw["color"] = ["tab:orange" if lab == highlight else "tab:blue" for lab in labels]
+        if errs is not None:
+            kw.update(yerr=[0.0 if math.isnan(e) else e for e in errs[k]], capsize=2)
+        ax.bar(xs, heights, width, **kw)
+        if value_fmt:
+            for x, v, h in zip(xs, row, heights):
+                ax.text(x, h, "n/a" if math.isnan(v) else format(v, value_fmt), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([str(lab) for lab in labels], rotation=45 if n > 8 else 0, ha="right" if n > 8 else "center")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if grouped:
+        ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="upper right")
     return _save_png(fig, path)

@@ -89,7 +89,17 @@ def _split_docs(sources: list[LanguageSource], holdout: float) -> tuple[dict, di
 
 
 def train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool = True) -> dict:
-    """Train tokenizer and model; write the HF directory to ``out``; return the training record."""
+    """Train tokenizer and model; write the HF directory to ``out``; return the training record.
+
+    ``cfg.threads`` sets torch's thread count for the run only; the previous count is restored."""
+    before = torch.get_num_threads()
+    try:
+        return _train_tiny(sources, out, cfg, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .collect import quiet_transformers

@@ -163,23 +163,12 @@ def save_ranking(result: dict, path) -> Path:
 
 def plot_ranking(result: dict, path, title: Optional[str] = None) -> Path:
     """Bar chart of the candidates' scores, best first; NaN candidates drawn as empty bars labelled n/a."""
-    from ..plots import _new_figure, _save_png
+    from ..plots import plot_bars
 
     rows = result["ranking"]
-    labels = [r["bridge"] for r in rows]
-    values = [0.0 if math.isnan(r["score"]) else r["score"] for r in rows]
-    fig = _new_figure((max(4.0, 0.7 * len(rows) + 2.0), 3.5))
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["tab:orange" if r["bridge"] == result.get("selected") else "tab:blue" for r in rows]
-    ax.bar(range(len(rows)), values, color=colors)
-    for i, r in enumerate(rows):
-        text = "n/a" if math.isnan(r["score"]) else format(r["score"], ".3g")
-        ax.text(i, values[i], text, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels)
-    ax.set_ylabel(f"mean layer score (HSIC {result.get('hsic', '')})")
-    ax.axhline(0.0, color="black", linewidth=0.6)
     layers = result.get("layers") or []
     span = f"layers {layers[0]}-{layers[-1]}" if layers else ""
-    ax.set_title(title or f"bridge candidates for {result['src']}->{result['trg']} ({span})", fontsize=9)
-    return _save_png(fig, path)
+    return plot_bars([r["score"] for r in rows], [r["bridge"] for r in rows], path,
+                     highlight=result.get("selected"), value_fmt=".3g",
+                     ylabel=f"mean layer score (HSIC {result.get('hsic', '')})",
+                     title=title or f"bridge candidates for {result['src']}->{result['trg']} ({span})")

@@ -441,30 +441,13 @@ def markdown_table(results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    langs = results["languages"]
-    conds = results["conditions"]
-    width = 0.8 / max(1, len(conds))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(langs) + 2), 4))
-    x = np.arange(len(langs))
-    for k, cond in enumerate(conds):
-        means = [100 * results["table"].get(cond, {}).get(l, {}).get("mean", np.nan) for l in langs]
-        sds = [100 * results["table"].get(cond, {}).get(l, {}).get("sd", 0.0) for l in langs]
-        ax.bar(x + (k - (len(conds) - 1) / 2) * width, means, width, yerr=sds, label=cond, capsize=2)
-    ax.set_xticks(x)
-    ax.set_xticklabels(langs)
-    ax.set_ylabel("score (%)")
-    ax.set_title(f"{results['task']}: trained on {results['source']}, zero-shot elsewhere "
-                 f"({len(results['seeds'])} seeds, mean ± sd)")
-    ax.legend(fontsize=7, ncol=min(4, len(conds)), loc="upper right")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
-    os.replace(tmp, path)
+    from ..plots import plot_bars
+    langs, conds, table = results["languages"], results["conditions"], results["table"]
+    cell = lambda c, lang, key, default: 100 * table.get(c, {}).get(lang, {}).get(key, default)  # noqa: E731
+    plot_bars([[cell(c, lang, "mean", np.nan) for lang in langs] for c in conds], langs, path, series=conds,
+              errors=[[cell(c, lang, "sd", 0.0) for lang in langs] for c in conds], ylabel="score (%)",
+              title=f"{results['task']}: trained on {results['source']}, zero-shot elsewhere "
+                    f"({len(results['seeds'])} seeds, mean ± sd)")
 
 
 def write_outputs(cfg: ExperimentConfig, results: dict) -> None:
