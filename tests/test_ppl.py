@@ -183,3 +183,28 @@ def test_deactivation_matrix_on_trained_model(shared_model, shared_stats):
     diag = d.diagonal()
     assert bool((diag > 0).all())
     assert float(diag.mean()) > 5 * max(sum(rand) / len(rand), 1e-3)
+
+
+@pytest.mark.slow
+def test_shared8_experiment_diagonal_dominance_and_steering(shared_data):
+    """The 8-language experiment (experiments/shared8_ppl_steer.py: 1500 training steps, LAPE
+    top_rate 0.05; about 10 minutes, resumable in .cache/experiments/shared8): row dominance for at
+    least 7 of 8 languages, own-language damage far above the matched random set's, and [R25]'s
+    ordering set:p_max > zero, set:batch-p10 for the cloze LSS and the generation share."""
+    import importlib.util
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("shared8", repo / "experiments" / "shared8_ppl_steer.py")
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    if exp.missing_data():
+        pytest.skip(f"needs {exp.missing_data()[0]} (the shared data)")
+    s = exp.run(repo / ".cache" / "experiments" / "shared8")
+    exp.print_summary(s)
+    assert s["dominance"]["row_count"] >= 7
+    own = [v["delta_nll"] for v in s["vs_random"].values()]
+    rand = [v["random_delta_nll"] for v in s["vs_random"].values()]
+    assert sum(own) / len(own) > 5 * max(sum(rand) / len(rand), 1e-3)
+    for kind in ("lss_mean", "generation_share"):
+        v = s[kind]
+        assert v["set:p_max"] > v["zero"] and v["set:p_max"] > v["set:batch-p10"], (kind, v)
