@@ -29,7 +29,7 @@ import time
 import torch
 
 from langneurons.arch import Adapter
-from langneurons.collect import Batch, Collector
+from langneurons.collect import Batch, Collector, calibration_batches, calibration_rows
 from langneurons.hooks import observe
 from langneurons.stats import LanguageStats
 
@@ -111,19 +111,23 @@ def child_peak_rss(n_batches: int) -> None:
 
 
 def sketch_accuracy(model, adapter, data):
+    """Collect's sketch, its edges calibrated as ``collect`` does (seeded positions of 64 windows spread
+    over all of ``data``), against exact quantiles of every activation it counted."""
     L, I = adapter.num_layers, adapter.width
-    ls = LanguageStats(L, I, sketch_bins=128)
+    c = Collector(model, adapter, "act", torch.device("cpu"))
+    ls = c.stats = LanguageStats(L, I, sketch_bins=128)
+    windows = [ids.numpy() for ids in data]
+    bs = len(windows[0])
+    c.calibrate(calibration_batches(windows, bs, lambda i, items: Batch(torch.from_numpy(items), None)),
+                rows_per_batch=calibration_rows(windows, bs), seed=0)
     acts = [[] for _ in range(L)]
 
     def fn(layer, t):
-        x = t.reshape(-1, I).float()
-        ls.add_layer(layer, x)
-        acts[layer].append(x.clone())
+        acts[layer].append(t.reshape(-1, I).float().clone())
     with torch.no_grad():
         for ids in data:
             with observe(adapter, "act", fn):
-                model.model(input_ids=ids, use_cache=False)
-            ls.add_tokens(ids.numel())
+                c.run_batch(Batch(ids, None))
     worst = {}
     for p in (0.1, 0.5, 0.9):
         q = ls.quantile(p).float()
@@ -141,6 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--accuracy-batches", type=int, default=16, help="batches of 8 x 256 for the sketch accuracy")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -186,7 +191,7 @@ def main() -> None:
     print(f"peak RSS: {rss[4] / 1024:.0f} MiB at {4 * 2048} tokens, {rss[16] / 1024:.0f} MiB at {16 * 2048} tokens "
           f"(growth {100 * (rss[16] / rss[4] - 1):+.1f}% for 4x tokens; target <= 5%)")
 
-    worst, n = sketch_accuracy(model, adapter, data[:4])
+    worst, n = sketch_accuracy(model, adapter, batches(args.accuracy_batches, seed=2))
     print(f"sketch (128 quantile bins) vs exact quantiles over {n} tokens x {adapter.num_layers * adapter.width} "
           "neurons, worst neuron, percentile points: " + ", ".join(f"P{int(p * 100)} {e:.3f}" for p, e in worst.items())
           + " (target <= 0.5)")

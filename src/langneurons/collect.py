@@ -10,8 +10,11 @@ calibration are deterministic).
 
 Data-parallel: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE > 1``) rank ``r`` takes
 batches ``r, r + W, ...``, accumulates on its device, and the shards are all-reduced once per
-language. The sketch of every rank is calibrated on batch 0, so the merged sketch equals a
-one-process run.
+language. The sketch edges are calibrated once per language, before the counting pass, on
+``CALIBRATION_TOKENS`` seeded token positions of ``CALIBRATION_ITEMS`` windows (or sentences) spread
+evenly over the whole selection (edges fitted to one batch miss the corpus's spread: a neuron whose
+values drift between documents would put much of its mass in the open tail bins); rank 0's edges
+are broadcast, so the merged sketch equals a one-process run.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, it
 from .atomic import atomic_write_text
 from .errors import UserError
 from .hooks import check_fired, observe
-from .stats import (DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats, LanguageStats,
-                    calibration_edges)
+from .stats import (CALIBRATION_TOKENS, DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats,
+                    LanguageStats, calibration_edges)
 
 #: Bump when a change alters the statistics the same command collects (caches key on it).
-COLLECT_VERSION = 1
+COLLECT_VERSION = 2
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -209,6 +212,33 @@ class Batch:
     first_sentence: int = 0
 
 
+#: windows (or sentences) the sketch edges are calibrated on, spread evenly over the selection
+CALIBRATION_ITEMS = 64
+
+
+def _calibration_items(batches_np: list, batch_size: int) -> list[tuple[int, int]]:
+    """(batch, row) of up to CALIBRATION_ITEMS items at evenly spaced positions of the selection."""
+    n = sum(len(b) for b in batches_np)
+    picks = np.unique(np.round(np.linspace(0, n - 1, min(n, CALIBRATION_ITEMS))).astype(np.int64))
+    return [(int(k) // batch_size, int(k) % batch_size) for k in picks]
+
+
+def calibration_batches(batches_np: list, batch_size: int, make_batch) -> list[Batch]:
+    """Batches of the calibration items, built like the collection batches (``make_batch``)."""
+    items = _calibration_items(batches_np, batch_size)
+    rows = [batches_np[b][r] for b, r in items]
+    calib = ([np.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+             if isinstance(batches_np[0], np.ndarray) else
+             [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)])
+    return [make_batch(None, b) for b in calib]
+
+
+def calibration_rows(batches_np: list, batch_size: int) -> int:
+    """Token positions kept per calibration batch, so that about CALIBRATION_TOKENS are pooled."""
+    n_batches = -(-len(_calibration_items(batches_np, batch_size)) // batch_size)
+    return -(-CALIBRATION_TOKENS // max(1, n_batches))
+
+
 def window_batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
@@ -258,6 +288,9 @@ class Collector:
         self._sentence_mask: Optional[torch.Tensor] = None
         self._first_sentence = 0
         self._calibrate_only = False
+        self._calibration: list[list[torch.Tensor]] = []
+        self._calibration_rows = 0
+        self._calibration_gen: Optional[torch.Generator] = None
         self.batches_run = 0
 
     def _observe(self, layer: int, t: torch.Tensor) -> None:
@@ -267,8 +300,12 @@ class Collector:
         if self._mask is not None:
             x = x[self._mask]
         if self._calibrate_only:
-            if not ls._calibrated[layer]:
-                ls.set_edges(layer, calibration_edges(x.float()[:4096], ls.sketch_bins, ls.sketch_kind))
+            if x.shape[0] > self._calibration_rows:   # the same seeded rows of every layer
+                if layer == 0:
+                    self._calibration_pick = torch.randperm(x.shape[0], generator=self._calibration_gen)[
+                        :self._calibration_rows].sort().values
+                x = x[self._calibration_pick.to(x.device)]
+            self._calibration[layer].append(x.float().cpu())
             return
         ls.add_layer(layer, x.to(ls.device))
         if ls.sentence_mean is not None and self._first_sentence < ls.max_sentences:
@@ -277,6 +314,24 @@ class Collector:
             tt = t.reshape(*mask.shape, I).float()                          # OPT flattens to [B*T, I]
             means = (tt * m).sum(1) / m.sum(1).clamp_min(1)
             ls.add_sentence_means(layer, means.to(ls.device), self._first_sentence)
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[Batch], rows_per_batch: int, seed: int) -> None:
+        """Set the sketch edges of every layer from activations of ``batches`` (spread over the corpus):
+        ``rows_per_batch`` seeded token positions of each batch, pooled, then :func:`calibration_edges`."""
+        ls = self.stats
+        self._calibration = [[] for _ in range(ls.num_layers)]
+        self._calibration_rows = rows_per_batch
+        self._calibration_gen = torch.Generator().manual_seed(seed)
+        self._calibrate_only = True
+        try:
+            for b in batches:
+                self.run_batch(b)
+        finally:
+            self._calibrate_only = False
+        for layer, parts in enumerate(self._calibration):
+            ls.set_edges(layer, calibration_edges(torch.cat(parts).to(ls.device), ls.sketch_bins, ls.sketch_kind))
+        self._calibration = []
 
     @torch.no_grad()
     def run_batch(self, batch: Batch) -> int:
@@ -430,27 +485,29 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
                            device=stats_device, sketch_kind=cfg.sketch_kind)
     collector.stats = ls
 
-    def make_batch(i: int) -> Batch:
+    def make_batch(i: Optional[int], items=None) -> Batch:
+        """Batch ``i`` of the selection, or a batch of the given ``items`` (calibration)."""
+        items = batches_np[i] if items is None else items
         if cfg.unit == "window":
-            return Batch(torch.from_numpy(batches_np[i].astype(np.int64)), None)
+            return Batch(torch.from_numpy(items.astype(np.int64)), None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         # Statistics passes always pad on the right: no query row is fully masked (left padding makes
         # some models, e.g. BLOOM, produce NaN that leaks into real positions), and the statistics of
         # real tokens do not depend on the tokenizer's padding side.
-        ids, mask = pad_sentences(batches_np[i], pad_id, "right")
-        return Batch(ids, mask, first_sentence=i * cfg.batch_size)
+        ids, mask = pad_sentences(items, pad_id, "right")
+        return Batch(ids, mask, first_sentence=0 if i is None else i * cfg.batch_size)
 
-    # Sketch calibration on batch 0, identical on every rank (and across resumes: edges are checkpointed).
-    if cfg.sketch_bins and world > 1 and not all(ls._calibrated):
-        collector._calibrate_only = True
-        try:
-            collector.run_batch(make_batch(0))
-        finally:
-            collector._calibrate_only = False
-        import torch.distributed as dist
-        dist.broadcast(ls.edges, src=0)
-        for l in range(ls.num_layers):
-            ls.set_edges(l, ls.edges[l])
+    # Sketch calibration on windows (sentences) spread evenly over the whole selection, so that edges
+    # fit the corpus rather than its first batch; identical on every rank (rank 0's edges are
+    # broadcast) and across resumes (edges are checkpointed).
+    if cfg.sketch_bins and not all(ls._calibrated) and batches_np:
+        collector.calibrate(calibration_batches(batches_np, cfg.batch_size, make_batch),
+                            rows_per_batch=calibration_rows(batches_np, cfg.batch_size), seed=cfg.seed)
+        if world > 1:
+            import torch.distributed as dist
+            dist.broadcast(ls.edges, src=0)
+            for l in range(ls.num_layers):
+                ls.set_edges(l, ls.edges[l])
 
     mine = [i for i in range(len(batches_np)) if i % world == rank]
     todo = [i for i in mine if i >= next_batch]
