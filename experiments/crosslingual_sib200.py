@@ -5,10 +5,10 @@ language-specific neurons, then evaluate zero-shot in other languages. Their cla
 LoRA does not beat the baseline (nor, we add, a matched random-neuron LoRA). This script reproduces
 the design end to end on a tiny Llama trained on 8 languages of ../shared/data:
 
-1. the model and its activation statistics (``--model``/``--stats``; when omitted they are built
-   like the ``shared_model``/``shared_stats`` test fixtures: ``tiny-train`` 600 steps on FLORES
-   devtest + NTREX text of en fr es de zh ru ar hi, then ``collect`` windows of 64 tokens, 16 384
-   tokens per language, on the FLORES devtest files);
+1. the model and its activation statistics (``--model``/``--stats``; when omitted, those of
+   ``experiments/shared8_ppl_steer.py``: ``tiny-train`` 1500 steps on FLORES devtest + NTREX text of
+   en fr es de zh ru ar hi, ``collect`` windows of 64 tokens, 16 384 tokens per language; built in
+   ``--cache`` on the first run, about 8 minutes);
 2. LAPE neurons with ``top_rate`` 0.05 (``langneurons identify lape``);
 3. SIB-200 topic classification (7 classes) trained on English ``train.tsv`` (701 sentences) and
    evaluated on ``test.tsv`` (204 sentences) of all 8 languages, for every condition of
@@ -44,17 +44,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LANGNEURONS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-#: neuron-set code -> (SIB-200 directory, running-text files for the tiny model)
-LANGS = {
-    "en": ("eng_Latn", ["flores200/devtest/eng_Latn.devtest", "text/ntrex128/newstest2019-ref.eng-US.txt"]),
-    "fr": ("fra_Latn", ["flores200/devtest/fra_Latn.devtest", "text/ntrex128/newstest2019-ref.fra.txt"]),
-    "es": ("spa_Latn", ["flores200/devtest/spa_Latn.devtest", "text/ntrex128/newstest2019-ref.spa.txt"]),
-    "de": ("deu_Latn", ["flores200/devtest/deu_Latn.devtest", "text/ntrex128/newstest2019-ref.deu.txt"]),
-    "zh": ("zho_Hans", ["flores200/devtest/zho_Hans.devtest", "text/ntrex128/newstest2019-ref.zho-CN.txt"]),
-    "ru": ("rus_Cyrl", ["flores200/devtest/rus_Cyrl.devtest", "text/ntrex128/newstest2019-ref.rus.txt"]),
-    "ar": ("arb_Arab", ["flores200/devtest/arb_Arab.devtest", "text/ntrex128/newstest2019-ref.arb.txt"]),
-    "hi": ("hin_Deva", ["flores200/devtest/hin_Deva.devtest", "text/ntrex128/newstest2019-ref.hin.txt"]),
-}
+#: neuron-set code -> SIB-200 directory
+LANGS = {"en": "eng_Latn", "fr": "fra_Latn", "es": "spa_Latn", "de": "deu_Latn", "zh": "zho_Hans", "ru": "rus_Cyrl",
+         "ar": "arb_Arab", "hi": "hin_Deva"}
 
 
 def _need(path: Path) -> Path:
@@ -65,20 +57,15 @@ def _need(path: Path) -> Path:
 
 
 def build_model_and_stats(cache: Path, quiet: bool) -> tuple[Path, Path]:
-    """The tiny model and its statistics, built like the test fixtures (cached in ``cache``)."""
-    from langneurons.collect import CollectConfig, collect
-    from langneurons.corpus import LanguageSource
-    from langneurons.tiny import TinyConfig, train_tiny
-    model_dir, stats_dir = cache / "shared8-model", cache / "shared8-stats"
-    if not (model_dir / "langneurons_train.json").is_file():
-        sources = [LanguageSource(c, ",".join(str(SHARED / f) for f in fs), [str(_need(SHARED / f)) for f in fs])
-                   for c, (_, fs) in LANGS.items()]
-        train_tiny(sources, model_dir, TinyConfig(steps=600, seed=0), progress=not quiet)
-    if not (stats_dir / "stats.json").is_file():
-        sources = [LanguageSource(c, str(SHARED / fs[0]), [str(SHARED / fs[0])]) for c, (_, fs) in LANGS.items()]
-        collect(CollectConfig(model=str(model_dir), languages=sources, out=stats_dir, device="cpu", progress=not quiet,
-                              cache_dir=None, window=64, max_tokens=16384, batch_size=16, sketch_bins=64))
-    return model_dir, stats_dir
+    """The 8-language tiny model and its statistics of experiments/shared8_ppl_steer.py (built, or
+    resumed, in ``cache``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import shared8_ppl_steer as shared8
+    gone = shared8.missing_data()
+    if gone:
+        _need(gone[0])
+    shared8.run(cache, quiet=quiet)
+    return cache / "model", cache / "stats"
 
 
 def lape_neurons(stats_dir: Path, out: Path, top_rate: float) -> None:
@@ -92,7 +79,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="tiny model directory [built into --cache]")
     ap.add_argument("--stats", type=Path, default=None, help="its activation statistics [built into --cache]")
-    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "experiments")
+    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "experiments" / "shared8",
+                    help="where the model of shared8_ppl_steer.py is built or found [.cache/experiments/shared8]")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "xling-sib200")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run [100]")
@@ -125,7 +113,7 @@ def main(argv=None) -> int:
     ops = [o for o in args.interventions.split(",") if o.strip()]
     cfg = ExperimentConfig(
         model=str(args.model), train=str(sib / "eng_Latn" / "train.tsv"),
-        eval={c: str(sib / d / "test.tsv") for c, (d, _) in LANGS.items()}, neurons=str(neurons), out=args.out,
+        eval={c: str(sib / d / "test.tsv") for c, d in LANGS.items()}, neurons=str(neurons), out=args.out,
         task="sib200", source="en", seeds=[int(s) for s in args.seeds.split(",")],
         conditions=args.conditions.split(",") if args.conditions else list(CONDITIONS), interventions=ops,
         stats=str(args.stats), mlp_modules=args.mlp_modules, bootstrap=args.bootstrap, progress=not args.quiet,

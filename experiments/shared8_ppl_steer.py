@@ -21,7 +21,7 @@ Latin-script languages and row dominance is 6/8; with 1500 steps the languages s
 
 Time: about 10 minutes on 2 cores (training 6-7 of them).
 
-Run:  python experiments/shared8_ppl_steer.py [--out runs/shared8] [--steps 1500] [--top-rate 0.05]
+Run:  python experiments/shared8_ppl_steer.py [--out .cache/experiments/shared8] [--steps 1500] [--top-rate 0.05]
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def print_summary(s: dict, file=sys.stdout) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "shared8")
+    ap.add_argument("--out", type=Path, default=REPO / ".cache" / "experiments" / "shared8",
+                    help="output directory, reused by crosslingual_sib200.py [.cache/experiments/shared8]")
     ap.add_argument("--steps", type=int, default=1500, help="tiny-train steps [1500]")
     ap.add_argument("--top-rate", type=float, default=0.05, help="LAPE top rate [0.05]")
     ap.add_argument("--quiet", action="store_true")
