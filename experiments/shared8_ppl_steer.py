@@ -32,19 +32,12 @@ import os
 import sys
 from pathlib import Path
 
+from langneurons.testing import SHARED8_TEXT
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LANGNEURONS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-TEXT = {
-    "en": ["flores200/devtest/eng_Latn.devtest", "text/ntrex128/newstest2019-ref.eng-US.txt"],
-    "fr": ["flores200/devtest/fra_Latn.devtest", "text/ntrex128/newstest2019-ref.fra.txt"],
-    "es": ["flores200/devtest/spa_Latn.devtest", "text/ntrex128/newstest2019-ref.spa.txt"],
-    "de": ["flores200/devtest/deu_Latn.devtest", "text/ntrex128/newstest2019-ref.deu.txt"],
-    "zh": ["flores200/devtest/zho_Hans.devtest", "text/ntrex128/newstest2019-ref.zho-CN.txt"],
-    "ru": ["flores200/devtest/rus_Cyrl.devtest", "text/ntrex128/newstest2019-ref.rus.txt"],
-    "ar": ["flores200/devtest/arb_Arab.devtest", "text/ntrex128/newstest2019-ref.arb.txt"],
-    "hi": ["flores200/devtest/hin_Deva.devtest", "text/ntrex128/newstest2019-ref.hin.txt"],
-}
+TEXT = SHARED8_TEXT   # FLORES-200 devtest + NTREX-128 text of en fr es de zh ru ar hi
 
 
 def missing_data() -> list[Path]:

@@ -17,23 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from langneurons.testing import SHARED8_TEXT
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LANGNEURONS_SHARED_DATA", REPO.parent / "shared" / "data"))
 CACHE = Path(os.environ.get("LANGNEURONS_TEST_CACHE", REPO / ".cache" / "tests"))
 DEMO_CORPUS = REPO / "src" / "langneurons" / "data" / "demo_corpus"
 
-#: Eight languages of ../shared/data in five scripts (Latin, Han, Cyrillic, Arabic, Devanagari):
-#: the FLORES devtest file plus one more running-text file each.
-SHARED_TEXT = {
-    "en": ["flores200/devtest/eng_Latn.devtest", "text/ntrex128/newstest2019-ref.eng-US.txt"],
-    "fr": ["flores200/devtest/fra_Latn.devtest", "text/ntrex128/newstest2019-ref.fra.txt"],
-    "es": ["flores200/devtest/spa_Latn.devtest", "text/ntrex128/newstest2019-ref.spa.txt"],
-    "de": ["flores200/devtest/deu_Latn.devtest", "text/ntrex128/newstest2019-ref.deu.txt"],
-    "zh": ["flores200/devtest/zho_Hans.devtest", "text/ntrex128/newstest2019-ref.zho-CN.txt"],
-    "ru": ["flores200/devtest/rus_Cyrl.devtest", "text/ntrex128/newstest2019-ref.rus.txt"],
-    "ar": ["flores200/devtest/arb_Arab.devtest", "text/ntrex128/newstest2019-ref.arb.txt"],
-    "hi": ["flores200/devtest/hin_Deva.devtest", "text/ntrex128/newstest2019-ref.hin.txt"],
-}
+#: Eight languages of ../shared/data in five scripts (see langneurons.testing.SHARED8_TEXT)
+SHARED_TEXT = SHARED8_TEXT
 
 # The test models are tiny: one thread is as fast as several and does not stall when the machine is
 # shared (spinning intra-op threads on an oversubscribed CPU cost more than they save).

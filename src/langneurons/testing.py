@@ -11,6 +11,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 97
 
+#: Eight languages of the shared data (paths relative to it) in five scripts (Latin, Han, Cyrillic,
+#: Arabic, Devanagari): the FLORES-200 devtest file plus the NTREX-128 file of each. The text of the
+#: tiny 8-language models of the tests and experiments.
+SHARED8_TEXT: dict[str, list[str]] = {
+    "en": ["flores200/devtest/eng_Latn.devtest", "text/ntrex128/newstest2019-ref.eng-US.txt"],
+    "fr": ["flores200/devtest/fra_Latn.devtest", "text/ntrex128/newstest2019-ref.fra.txt"],
+    "es": ["flores200/devtest/spa_Latn.devtest", "text/ntrex128/newstest2019-ref.spa.txt"],
+    "de": ["flores200/devtest/deu_Latn.devtest", "text/ntrex128/newstest2019-ref.deu.txt"],
+    "zh": ["flores200/devtest/zho_Hans.devtest", "text/ntrex128/newstest2019-ref.zho-CN.txt"],
+    "ru": ["flores200/devtest/rus_Cyrl.devtest", "text/ntrex128/newstest2019-ref.rus.txt"],
+    "ar": ["flores200/devtest/arb_Arab.devtest", "text/ntrex128/newstest2019-ref.arb.txt"],
+    "hi": ["flores200/devtest/hin_Deva.devtest", "text/ntrex128/newstest2019-ref.hin.txt"],
+}
+
 #: Config overrides per model type that make a small, valid model.
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
