@@ -280,3 +280,22 @@ def test_sketch_calibrated_on_windows_spread_over_the_corpus():
         return worst
     assert run(calibrate=True) <= 0.5
     assert run(calibrate=False) > 2.0            # first-batch edges: what the spread calibration avoids
+
+
+def test_calibration_in_layer_groups_equals_one_pass(monkeypatch):
+    """Deep or wide models are calibrated a few layers per pass (bounded memory): same edges."""
+    import langneurons.collect as C
+    model = tiny_model("llama")
+    ad = Adapter(model)
+    g = torch.Generator().manual_seed(3)
+    batches_np = [w.numpy() for w in torch.randint(3, model.config.vocab_size, (40, 16), generator=g).split(8)]
+
+    def edges():
+        c = Collector(model, ad, "act", torch.device("cpu"))
+        c.stats = LanguageStats(ad.num_layers, ad.width, sketch_bins=16)
+        c.calibrate(C.calibration_batches(batches_np, 8, lambda i, items: Batch(torch.from_numpy(items), None)),
+                    rows_per_batch=50, seed=0)
+        return c.stats.edges.clone()
+    one = edges()
+    monkeypatch.setattr(C, "CALIBRATION_MEMORY", 1)          # one layer per pass
+    assert torch.equal(edges(), one)

@@ -214,6 +214,12 @@ class Batch:
 
 #: windows (or sentences) the sketch edges are calibrated on, spread evenly over the selection
 CALIBRATION_ITEMS = 64
+#: bytes of pooled calibration activations held at once (float32, CPU); deeper models take more passes
+CALIBRATION_MEMORY = 1 << 30
+
+
+class _EnoughLayers(Exception):
+    """Raised by a calibration hook after the last layer a calibration pass needs."""
 
 
 def _calibration_items(batches_np: list, batch_size: int) -> list[tuple[int, int]]:
@@ -288,9 +294,11 @@ class Collector:
         self._sentence_mask: Optional[torch.Tensor] = None
         self._first_sentence = 0
         self._calibrate_only = False
-        self._calibration: list[list[torch.Tensor]] = []
+        self._calibration: dict[int, list[torch.Tensor]] = {}   # layer -> sampled rows (calibration)
+        self._calibration_last = -1
         self._calibration_rows = 0
         self._calibration_gen: Optional[torch.Generator] = None
+        self._calibration_pick: Optional[torch.Tensor] = None
         self.batches_run = 0
 
     def _observe(self, layer: int, t: torch.Tensor) -> None:
@@ -300,12 +308,12 @@ class Collector:
         if self._mask is not None:
             x = x[self._mask]
         if self._calibrate_only:
-            if x.shape[0] > self._calibration_rows:   # the same seeded rows of every layer
-                if layer == 0:
-                    self._calibration_pick = torch.randperm(x.shape[0], generator=self._calibration_gen)[
-                        :self._calibration_rows].sort().values
-                x = x[self._calibration_pick.to(x.device)]
-            self._calibration[layer].append(x.float().cpu())
+            if layer in self._calibration:
+                if self._calibration_pick is not None:   # the same seeded positions in every layer
+                    x = x[self._calibration_pick.to(x.device)]
+                self._calibration[layer].append(x.float().cpu())
+            if layer == self._calibration_last:
+                raise _EnoughLayers                      # the later layers are not needed in this pass
             return
         ls.add_layer(layer, x.to(ls.device))
         if ls.sentence_mean is not None and self._first_sentence < ls.max_sentences:
@@ -318,20 +326,36 @@ class Collector:
     @torch.no_grad()
     def calibrate(self, batches: list[Batch], rows_per_batch: int, seed: int) -> None:
         """Set the sketch edges of every layer from activations of ``batches`` (spread over the corpus):
-        ``rows_per_batch`` seeded token positions of each batch, pooled, then :func:`calibration_edges`."""
+        ``rows_per_batch`` seeded token positions of each batch, pooled, then :func:`calibration_edges`.
+
+        The pooled sample of a layer is ``rows x width`` float32 on the CPU; layers are calibrated in
+        groups that keep it under CALIBRATION_MEMORY (one group for small models; 8 passes over the
+        calibration batches, each stopped after its last layer, for a 32-layer model of width 14336),
+        so memory does not grow with depth."""
         ls = self.stats
-        self._calibration = [[] for _ in range(ls.num_layers)]
+        L = ls.num_layers
+        per_layer = max(1, rows_per_batch * len(batches) * ls.width * 4)
+        group = max(1, min(L, CALIBRATION_MEMORY // per_layer))
         self._calibration_rows = rows_per_batch
-        self._calibration_gen = torch.Generator().manual_seed(seed)
-        self._calibrate_only = True
         try:
-            for b in batches:
-                self.run_batch(b)
+            for start in range(0, L, group):
+                layers = list(range(start, min(L, start + group)))
+                self._calibration = {layer: [] for layer in layers}
+                self._calibration_last = layers[-1]
+                self._calibration_gen = torch.Generator().manual_seed(seed)   # same positions every pass
+                self._calibrate_only = True
+                for b in batches:
+                    try:
+                        self.run_batch(b)
+                    except _EnoughLayers:
+                        pass
+                self._calibrate_only = False
+                for layer in layers:
+                    sample = torch.cat(self._calibration[layer]).to(ls.device)
+                    ls.set_edges(layer, calibration_edges(sample, ls.sketch_bins, ls.sketch_kind))
         finally:
             self._calibrate_only = False
-        for layer, parts in enumerate(self._calibration):
-            ls.set_edges(layer, calibration_edges(torch.cat(parts).to(ls.device), ls.sketch_bins, ls.sketch_kind))
-        self._calibration = []
+            self._calibration, self._calibration_last, self._calibration_pick = {}, -1, None
 
     @torch.no_grad()
     def run_batch(self, batch: Batch) -> int:
@@ -347,6 +371,9 @@ class Collector:
             self._sentence_mask = None
             n = ids.numel()
         self._first_sentence = batch.first_sentence
+        if self._calibrate_only:
+            self._calibration_pick = (torch.randperm(n, generator=self._calibration_gen)[:self._calibration_rows]
+                                      .sort().values if n > self._calibration_rows else None)
         with observe(self.adapter, self.site, self._observe) as calls:
             self.base(input_ids=ids, use_cache=False, **forward_kwargs(self.base, mask))
         check_fired(calls, list(range(self.adapter.num_layers)))
