@@ -203,3 +203,13 @@ def test_combined_stats_and_mixed_refused(demo_stats, tmp_path, capsys):
     assert main(["identify", "lape", "--stats", str(a), "--stats", str(a), "--out", str(out2)]) == 2
     one_error_line(capsys, "both")
     assert not out2.exists()
+
+
+def test_unknown_option_is_reported_by_its_subcommand(capsys):
+    """An option a (sub)subcommand does not take: one line naming it and that subcommand's --help."""
+    with pytest.raises(SystemExit) as e:
+        main(["identify", "random", "--stats", "x", "--of", "y.json", "--out", "z.json"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("langneurons identify random: error: unrecognized arguments: --stats x; "
+                   "see langneurons identify random --help")

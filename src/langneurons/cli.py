@@ -31,19 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"langneurons.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"langneurons.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"langneurons.commands.{name}").register(sub)
+    return parser
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)subcommand parser that ``argv`` selects, e.g. the one of ``identify random``."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parser = subs[0].choices[token]
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:   # reported by the subcommand that was given them, whose --help lists what it takes
+        _leaf_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         rc = args.func(args)
     except UserError as e:
