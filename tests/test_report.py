@@ -94,6 +94,12 @@ def test_report_is_self_contained_and_complete(run_dir):
     for v in ("57.50", "42.50", "61.25", "55.00"):
         assert f"<td>{v}</td>" in page
     assert "zh (n=40)" in page and ">self<" in page
+    # the findings in words, first
+    found = page[page.index("What was found"):page.index("Activation statistics")]
+    assert "2 languages (13632 tokens) at site act of 4 x 384 neurons" in found
+    assert "lape selected 7-8 neurons per language for 2 languages" in found
+    assert "steering toward each target language" in found and "set:p_max LSS 0.88" in found
+    assert "perplexity" not in found           # this ppl.json predates the dominance record: no claim made
     # unreadable files are listed, model directories skipped
     assert "broken.json" in page
     assert "secret_marker_value" not in page and "extra_model_file" not in page and "vocab_size" not in page

@@ -339,6 +339,60 @@ def _kind(path: Path, d: Any) -> Optional[str]:
     return None
 
 
+def _mean(values) -> Optional[float]:
+    vals = [float(v) for v in values if _is_num(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary_lines(groups: dict[str, list[tuple[Path, Any]]], run_dir: Path) -> list[str]:
+    """Plain-language findings of a run: what the tables below show, in one sentence each."""
+    out = []
+    for p, d in groups["stats"]:
+        langs = d.get("languages") or {}
+        toks = [v.get("n_tokens") for v in langs.values() if isinstance(v, dict)]
+        m = d.get("model") or {}
+        out.append(f"{p.relative_to(run_dir)}: activation statistics of {len(langs)} languages "
+                   f"({_fmt(sum(t for t in toks if _is_num(t)), 0)} tokens) at site {m.get('site', '?')} of "
+                   f"{m.get('num_layers', '?')} x {m.get('width', '?')} neurons.")
+    for p, d in groups["neurons"]:
+        counts = {c: len(v) for c, v in (d.get("neurons") or {}).items()}
+        if counts:
+            lo, hi = min(counts.values()), max(counts.values())
+            span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            out.append(f"{p.relative_to(run_dir)}: {(d.get('method') or {}).get('name', '?')} selected {span} "
+                       f"neurons per language for {len(counts)} languages.")
+    for p, d in groups["ppl"]:
+        dom = d.get("diagonal_dominance") or {}
+        vs = d.get("vs_random") or {}
+        own, rnd = _mean(v.get("delta_nll") for v in vs.values()), _mean(v.get("random_delta_nll") for v in vs.values())
+        if not dom:
+            continue
+        text = (f"{p.relative_to(run_dir)}: deactivating a language's neurons raised that language's perplexity "
+                f"more than any other language's for {dom.get('row_count', '?')} of {dom.get('languages', '?')} "
+                "languages")
+        if own is not None and rnd is not None:
+            text += (f"; its own mean NLL rose by {own:.3f} nats/token on average, against {rnd:.3f} for random "
+                     "sets of the same size per layer")
+        out.append(text + ".")
+    for p, d in groups["steer"]:
+        ops = d.get("operators") or {}
+        parts = []
+        for op, r in ops.items():
+            share = (r.get("generation") or {}).get("share_mean") if isinstance(r, dict) else None
+            lss = r.get("lss_mean") if isinstance(r, dict) else None
+            if _is_num(share):
+                parts.append(f"{op} {share:.3f}" + (f" (LSS {lss:.2f})" if _is_num(lss) else ""))
+            elif _is_num(lss):
+                parts.append(f"{op} LSS {lss:.2f}")
+        base = d.get("generation_baseline") or {}
+        base_mean = _mean((base.get("share") or {}).values()) if isinstance(base, dict) else None
+        if parts:
+            out.append(f"{p.relative_to(run_dir)}: steering toward each target language, mean target share of "
+                       "generations (and Language Steering Shift on cloze items, when measured): "
+                       + ", ".join(parts) + (f"; unsteered {base_mean:.3f}" if base_mean is not None else "") + ".")
+    return out
+
+
 def build_html(run_dir: Path, title: Optional[str] = None) -> str:
     """The report page of ``run_dir`` as a string."""
     run_dir = Path(run_dir)
@@ -372,6 +426,10 @@ def build_html(run_dir: Path, title: Optional[str] = None) -> str:
             return f'<p class="err">could not render {_e(a[2])}: {_e(e.__class__.__name__)}: {_e(e)}</p>', []
         return r if isinstance(r, tuple) else (r, [])
 
+    findings = summary_lines(groups, run_dir)
+    if findings:
+        body.append("<h2>What was found</h2>")
+        body.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in findings) + "</ul>")
     headings = {"stats": "Activation statistics", "neurons": "Neuron sets", "ppl": "Perplexity under deactivation",
                 "steer": "Steering", "task": "Downstream tasks"}
     for kind in ("stats", "neurons", "ppl", "steer", "task"):
