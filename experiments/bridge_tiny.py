@@ -16,9 +16,11 @@ Steps, all through the ``langneurons bridge`` command line, then read back and p
 Usage:
     .venv/bin/python experiments/bridge_tiny.py [--out DIR] [--limit 64] [--bli-limit 50] [--model DIR --stats DIR]
 
-The model and statistics are the test fixtures' (``shared_model``/``shared_stats``): by default the
-newest complete ``.cache/tests/shared8-stats-*`` and the model it was collected from; if there is
-none they are built with the test suite's helpers (needs ../shared/data; the first build is slow).
+The model and statistics are those of ``experiments/shared8_ppl_steer.py`` (tiny-train 1500 steps
+on FLORES-200 devtest + NTREX-128 text of the 8 languages), built in ``.cache/experiments/shared8``
+on the first run (about 8 minutes); ``--model``/``--stats`` take others.
+
+Time: about 20 s once the model exists.
 """
 
 from __future__ import annotations
@@ -34,30 +36,19 @@ REPO = Path(__file__).resolve().parents[1]
 PAIRS = [("de", "zh"), ("fr", "ru"), ("es", "ar"), ("de", "hi")]
 
 
-def _newest(pattern: str) -> Path | None:
-    found = [p for p in (REPO / ".cache" / "tests").glob(pattern) if (p / ".complete").is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
 def model_and_stats(model: Path | None, stats: Path | None) -> tuple[Path, Path, Path]:
-    """The given model/statistics, else the newest complete cached ones, else built like the fixtures."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import conftest  # the fixtures' builders (cached)
-
-    if not conftest.SHARED_DATA.is_dir():
-        raise SystemExit(f"needs the shared data at {conftest.SHARED_DATA} (set LANGNEURONS_SHARED_DATA)")
-    if model is None and stats is None:
-        stats = _newest("shared8-stats-*")
-        if stats is not None:
-            meta = json.loads((stats / "stats.json").read_text(encoding="utf-8"))
-            model = Path(meta["model"]["name_or_path"])
-            if not (model / ".complete").is_file():
-                model, stats = None, None
+    """The given model/statistics, else those of experiments/shared8_ppl_steer.py (built or resumed in
+    .cache/experiments/shared8, about 8 minutes the first time)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import shared8_ppl_steer as shared8
+    gone = shared8.missing_data()
+    if gone:
+        raise SystemExit(f"needs {gone[0]} (the shared data beside the repository; set LANGNEURONS_SHARED_DATA)")
     if model is None or stats is None:
-        langs = {c: [conftest.SHARED_DATA / f for f in fs] for c, fs in conftest.SHARED_TEXT.items()}
-        model = model or conftest._train(langs, "shared8", steps=600)
-        stats = stats or conftest._collect(model, {c: [fs[0]] for c, fs in langs.items()}, "shared8-stats")
-    return Path(model), Path(stats), conftest.SHARED_DATA
+        cache = REPO / ".cache" / "experiments" / "shared8"
+        shared8.run(cache)
+        model, stats = model or cache / "model", stats or cache / "stats"
+    return Path(model), Path(stats), shared8.SHARED
 
 
 def cli(*argv: str) -> None:
@@ -86,8 +77,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / ".cache" / "experiments" / "bridge_tiny")
     ap.add_argument("--limit", type=int, default=64, help="probe words per pair [64]")
     ap.add_argument("--bli-limit", type=int, default=50, help="BLI source words per pair [50]")
-    ap.add_argument("--model", type=Path, default=None, help="tiny model directory [newest cached shared8]")
-    ap.add_argument("--stats", type=Path, default=None, help="its statistics [newest cached shared8-stats]")
+    ap.add_argument("--model", type=Path, default=None, help="tiny model directory [that of shared8_ppl_steer.py]")
+    ap.add_argument("--stats", type=Path, default=None, help="its statistics [those of shared8_ppl_steer.py]")
     args = ap.parse_args()
 
     import torch
