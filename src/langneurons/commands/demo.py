@@ -12,7 +12,7 @@ ppl, collect --unit sentence, steer, report; each is the command of that name, a
 OUT is reused when the demo is run again.
 
 examples:
-  langneurons demo                                   # embedded corpus, about 5 minutes on 2 cores
+  langneurons demo                                   # embedded corpus, 2-3 minutes on 2 cores
   langneurons demo --out runs/mine --lang en=en.txt --lang fr=fr.txt --lang zh=zh.txt --steps 1500 \\
       --top-rate 0.05 --muse data/muse              # your text; adds cloze steering scores (LSS)
 """
