@@ -208,3 +208,41 @@ def test_shared8_experiment_diagonal_dominance_and_steering(shared_data):
     for kind in ("lss_mean", "generation_share"):
         v = s[kind]
         assert v["set:p_max"] > v["zero"] and v["set:p_max"] > v["set:batch-p10"], (kind, v)
+
+
+def test_interrupted_ppl_resumes_per_column_and_ends_identical(demo_model, demo_stats, tmp_path, monkeypatch):
+    """A run killed after its first column resumes from OUT/.partial: the finished column is not
+    recomputed, and ppl.json equals that of an uninterrupted run."""
+    import langneurons.ppl as P
+    from langneurons.stats import ActivationStats
+    select("lape", ActivationStats.load(demo_stats), top_rate=0.03).save(tmp_path / "ns.json")
+    args = ("--random-seeds", "0", "--stats", str(demo_stats))
+    assert main(_demo_args(demo_model, tmp_path / "whole", tmp_path / "ns.json", *args)) == 0
+    whole = json.loads((tmp_path / "whole" / "ppl.json").read_text())
+
+    real = P.perplexity_matrix
+
+    def crash_after_first_column(*a, on_column=None, **kw):
+        def stop(code, result):
+            on_column(code, result)
+            raise KeyboardInterrupt                    # as a kill between columns would
+        return real(*a, on_column=stop, **kw)
+    monkeypatch.setattr(P, "perplexity_matrix", crash_after_first_column)
+    out = tmp_path / "cut"
+    assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *args)) == 130
+    assert (out / ".partial" / "ppl.json").is_file() and not (out / "ppl.json").exists()
+    monkeypatch.setattr(P, "perplexity_matrix", real)
+    assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *args)) == 0
+    again = json.loads((out / "ppl.json").read_text())
+    assert again["work"]["resumed_columns"] == ["en"]
+    assert again["work"]["sequences"] == whole["work"]["sequences"] * 2 // 3      # 2 of 3 columns recomputed
+    for k in ("ppl", "mean_nll", "delta_nll", "tokens", "diagonal_dominance", "vs_random"):
+        assert again[k] == whole[k], k
+    assert not (out / ".partial").exists()
+    # a changed setting (another operator) does not reuse the checkpoint of another run
+    monkeypatch.setattr(P, "perplexity_matrix", crash_after_first_column)
+    main(_demo_args(demo_model, out, tmp_path / "ns.json", *args))
+    monkeypatch.setattr(P, "perplexity_matrix", real)
+    assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *args[:2], "--operator", "set:mean",
+                           "--stats", str(demo_stats))) == 0
+    assert json.loads((out / "ppl.json").read_text())["work"]["resumed_columns"] == []

@@ -33,13 +33,14 @@ need architecture-specific code); on a GPU the stacked passes make this cheap.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -110,9 +111,15 @@ class MatrixResult:
 
 @torch.no_grad()
 def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], columns: dict[str, np.ndarray],
-                      batch_size: int = 8, adapter=None, progress: bool = False) -> MatrixResult:
+                      batch_size: int = 8, adapter=None, progress: bool = False,
+                      done: Optional[dict[str, dict]] = None,
+                      on_column: Optional[Callable[[str, dict], None]] = None) -> MatrixResult:
     """NLL of every row (intervention or ``None``) on every column's windows, stacked in passes of
-    ``batch_size`` sequences (see the module docstring)."""
+    ``batch_size`` sequences (see the module docstring).
+
+    Resuming: ``done`` maps a column to its finished result (``{"nll": [R floats], "tokens": int,
+    "windows": int}``), which is used instead of recomputing it; ``on_column(code, result)`` is called
+    as each column finishes, so that a caller can checkpoint it."""
     from .arch import Adapter
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
@@ -124,12 +131,18 @@ def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], col
     passes = seqs = 0
     t0 = time.perf_counter()
     bar = None
+    done = done or {}
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=sum(R * len(w) for w in columns.values()), unit="seq", desc="ppl", dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(total=sum(R * len(w) for c, w in columns.items() if c not in done), unit="seq", desc="ppl",
+                   dynamic_ncols=True, mininterval=1.0)
     with intervene_rows(model, [iv for _, iv in rows], adapter=adapter) as ctl:
         for c, (code, windows) in enumerate(columns.items()):
+            if code in done:
+                nll[:, c] = torch.tensor(done[code]["nll"], dtype=torch.float64)
+                tokens.append(int(done[code]["tokens"]))
+                nwin.append(int(done[code]["windows"]))
+                continue
             W = torch.from_numpy(np.asarray(windows, dtype=np.int64))
             n = W.shape[0]
             pair_row = torch.arange(R).repeat_interleave(n)
@@ -149,6 +162,8 @@ def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], col
                     bar.update(ids.shape[0])
             tokens.append(count * n)
             nwin.append(n)
+            if on_column is not None:
+                on_column(code, {"nll": nll[:, c].tolist(), "tokens": count * n, "windows": n})
     if bar is not None:
         bar.close()
     return MatrixResult(rows=[name for name, _ in rows], columns=list(columns), nll_sum=nll, tokens=tokens,
@@ -252,9 +267,38 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     columns = {src.code: heldout_windows(src, tokenizer, cfg.window, cfg.max_tokens, cfg.seed, cfg.cache_dir)
                for src in cfg.languages}
 
+    # Resume: every finished column is checkpointed in OUT/.partial/ppl.json under a key of everything
+    # that determines it (model, rows, their interventions, the column's windows); a rerun of the same
+    # command recomputes only the missing columns.
+    from .collect import model_fingerprint
+    key_doc = {"model": model_fingerprint(model), "rows": [name for name, _ in rows],
+               "neurons": hashlib.sha256(Path(cfg.neurons).read_bytes()).hexdigest(), "operator": op.spec,
+               "site": cfg.site, "stats": stats.fingerprint if stats is not None else None,
+               "columns": {c: hashlib.sha256(np.ascontiguousarray(w, dtype=np.int64).tobytes()).hexdigest()
+                           for c, w in columns.items()}}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:20]
+    partial = out / ".partial" / "ppl.json"
+    done: dict[str, dict] = {}
+    if partial.is_file():
+        try:
+            saved = json.loads(partial.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                done = {c: v for c, v in saved["columns"].items() if c in columns}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            done = {}
+        if done and cfg.progress:
+            print(f"ppl: resuming: {len(done)} of {len(columns)} columns already computed ({', '.join(done)})",
+                  file=sys.stderr)
+
+    def checkpoint(code: str, result: dict) -> None:
+        done[code] = result
+        atomic_write_text(partial, json.dumps({"key": key, "columns": done}))
+
+    resumed = list(done)
     res = perplexity_matrix(model, rows, columns, batch_size=cfg.batch_size, adapter=adapter,
-                            progress=cfg.progress)
+                            progress=cfg.progress, done=dict(done), on_column=checkpoint)
     record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, op.spec, adapter)
+    record["work"]["resumed_columns"] = resumed     # taken from the checkpoint of an interrupted run
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ppl.json", json.dumps(record, indent=1, ensure_ascii=False))
     main_rows = ["baseline"] + row_langs + ([f"random:{c}" for c in row_langs] if cfg.random_seeds else [])
@@ -265,6 +309,9 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
                  out / "ppl.png", fmt=".2f", cmap="magma",
                  title=f"{op.spec} on language neurons: ΔNLL = log(PPL / baseline PPL); rows: neurons, "
                        "columns: evaluated language")
+    partial.unlink(missing_ok=True)
+    if partial.parent.is_dir() and not any(partial.parent.iterdir()):
+        partial.parent.rmdir()
     return record
 
 

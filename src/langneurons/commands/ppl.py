@@ -15,7 +15,8 @@ the same held-out windows for every row (tokenised once, seeded subset with --ma
 PPL = exp(mean NLL over predicted tokens).
 
 OUT gets ppl.json (ppl, mean_nll, delta_ppl, delta_nll, diagonal dominance, per-seed controls,
-settings) and ppl.png (delta NLL heatmap).
+settings) and ppl.png (delta NLL heatmap). Every finished column is checkpointed in OUT/.partial:
+after an interruption, rerun the same command and only the missing columns are computed.
 
 example:
   langneurons ppl --model runs/model --neurons runs/lape.json --lang en=heldout/en.txt \\
