@@ -425,6 +425,54 @@ def test_eval_command_with_settings(demo_model, demo, tmp_path, capsys):
     assert "| cross (mean) |" in capsys.readouterr().out  # the tables are printed too
 
 
+def test_interrupted_eval_resumes_finished_rows(demo_model, demo, tmp_path, monkeypatch):
+    """A run killed after two (language, setting) rows reuses them from OUT/.partial on rerun and
+    ends with the result of an uninterrupted run; other settings do not reuse them."""
+    from langneurons.tasks.xcopa import XCOPA
+    model, _ = demo
+    ns_path = _neuron_set(model, tmp_path / "ns.json")
+    rec = lambda p, c1, c2, q, l: json.dumps({"premise": p, "choice1": c1, "choice2": c2, "question": q,
+                                             "label": l}) + "\n"
+    write(tmp_path / "d" / "test.zh.jsonl", rec("男人打开了水龙头。", "马桶满了。", "水流了出来。", "effect", 1)
+          + rec("我想节约能源。", "我扫了地。", "我关了灯。", "cause", 0))
+    write(tmp_path / "d" / "test.it.jsonl", rec("L'uomo aprì il rubinetto.", "Il water si riempì.",
+                                                 "L'acqua scorreva.", "effect", 1))
+
+    def run(out, *extra):
+        return main(["eval", "xcopa", "--model", str(demo_model), "--langs", "zh,it", "--data", str(tmp_path / "d"),
+                     "--neurons", str(ns_path), "--operator", "zero", "--setting", "none,self", "--out", str(out),
+                     "--device", "cpu", "--batch-size", "4", "--quiet", *extra])
+    assert run(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "xcopa.json").read_text())
+
+    real, calls = XCOPA.evaluate, []
+
+    def flaky(self, *a, **kw):
+        calls.append(a[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt          # killed during the third row
+        return real(self, *a, **kw)
+    monkeypatch.setattr(XCOPA, "evaluate", flaky)
+    out = tmp_path / "cut"
+    assert run(out) == 130
+    assert (out / ".partial" / "xcopa.json").is_file() and not (out / "xcopa.json").exists()
+    calls.clear()
+    monkeypatch.setattr(XCOPA, "evaluate", lambda self, *a, **kw: (calls.append(a[2]), real(self, *a, **kw))[1])
+    assert run(out) == 0
+    assert calls == ["it", "it"]                     # the two zh rows came from the checkpoint
+    again = json.loads((out / "xcopa.json").read_text())
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in whole["rows"]]
+    assert again["table"] == whole["table"] and not (out / ".partial").exists()
+    # a checkpoint of another setting (here: another operator) is not reused
+    calls.clear()
+    monkeypatch.setattr(XCOPA, "evaluate", flaky)
+    assert run(out) == 130 and (out / ".partial" / "xcopa.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(XCOPA, "evaluate", lambda self, *a, **kw: (calls.append(a[2]), real(self, *a, **kw))[1])
+    assert run(out, "--operator", "set:-1") == 0
+    assert calls == ["zh", "zh", "it", "it"]
+
+
 def test_self_setting_needs_the_language_in_the_set(demo_model, demo, tmp_path, capsys):
     ns_path = _neuron_set(demo[0], tmp_path / "ns.json", langs=("en",))
     write(tmp_path / "d" / "test.zh.jsonl", '{"premise": "a.", "choice1": "b", "choice2": "c", "question": '

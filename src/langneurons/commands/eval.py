@@ -15,7 +15,9 @@ mcq: LANG.jsonl), a file (a {lang} placeholder is filled in), or hf:DATASET[:CON
 task's usual HF dataset). --setting none (baseline), self (the task language's neurons), cross (every other
 language's neurons), or a comma-separated list; with --neurons the default is none,self.
 
-Writes OUT/TASK.json (per-language rows, all settings) and OUT/TASK.md (tables).
+Writes OUT/TASK.json (per-language rows, all settings) and OUT/TASK.md (tables). Every finished
+(language, setting) row is checkpointed in OUT/.partial: after an interruption, rerun the same command
+and only the missing rows are evaluated.
 
 examples:
   langneurons eval xcopa --model Qwen/Qwen2.5-7B --langs zh,id,sw --data data/xcopa --out runs/eval

@@ -18,6 +18,7 @@ settings, columns = languages). Both are written atomically, after every run has
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -152,8 +153,11 @@ def _split_metrics(result: dict) -> tuple[dict, dict]:
 
 
 def evaluate_rows(task, scorer: Scorer, cfg: EvalConfig, langs: list[str], data: dict, options: dict,
-                  ns=None, stats=None, log=None) -> list[dict]:
-    """One row per (language, setting[, neuron language]) with the metrics of that run."""
+                  ns=None, stats=None, log=None, done: Optional[dict] = None, on_row=None) -> list[dict]:
+    """One row per (language, setting[, neuron language]) with the metrics of that run.
+
+    Resuming: ``done`` maps ``"lang|setting|neurons_lang"`` to a finished row, used instead of
+    evaluating it again; ``on_row(key, row)`` is called as each row finishes (to checkpoint it)."""
     from contextlib import nullcontext
     settings = cfg.settings or ["none"]
     rows = []
@@ -168,6 +172,10 @@ def evaluate_rows(task, scorer: Scorer, cfg: EvalConfig, langs: list[str], data:
             else:
                 runs += [("cross", other) for other in ns.languages if other != lang]
         for setting, nlang in runs:
+            key = f"{lang}|{setting}|{nlang}"
+            if done and key in done:
+                rows.append(done[key])
+                continue
             ctx, record = nullcontext(), None
             if nlang is not None:
                 from ..intervene import intervene
@@ -183,6 +191,8 @@ def evaluate_rows(task, scorer: Scorer, cfg: EvalConfig, langs: list[str], data:
             if record is not None:
                 row["intervention"] = record
             rows.append(row)
+            if on_row is not None:
+                on_row(key, row)
             if log:
                 head = task.metrics[0]
                 log(f"{task.name} {lang} {setting}{'' if nlang is None else ':' + nlang}: "
@@ -293,7 +303,33 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     scorer = Scorer(model, tokenizer, batch_size=cfg.batch_size)
     log = (lambda m: print(m, file=sys.stderr)) if cfg.progress else None
     t0 = time.time()
-    rows = evaluate_rows(task, scorer, cfg, langs, data, options, ns, stats, log)
+    # Resume: finished rows are checkpointed in OUT/.partial/TASK.json under a key of the model, the
+    # documents, the options and the intervention; rerunning the same command skips them.
+    from ..collect import model_fingerprint
+    key_doc = {"task": task.name, "model": model_fingerprint(model), "options": options, "shots": cfg.shots,
+               "max_new_tokens": cfg.max_new_tokens, "operator": cfg.operator, "site": cfg.site,
+               "positions": cfg.positions, "settings": list(cfg.settings or []),
+               "neurons": None if cfg.neurons is None else hashlib.sha256(Path(cfg.neurons).read_bytes()).hexdigest(),
+               "stats": None if stats is None else stats.fingerprint,
+               "docs": {lang: hashlib.sha256(json.dumps(data[lang][:2], sort_keys=True, default=str).encode())
+                        .hexdigest() for lang in langs}}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    partial = Path(cfg.out) / ".partial" / f"{task.name}.json"
+    done: dict[str, dict] = {}
+    if partial.is_file():
+        try:
+            saved = json.loads(partial.read_text(encoding="utf-8"))
+            done = saved["rows"] if saved.get("key") == key else {}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            done = {}
+        if done and log:
+            log(f"{task.name}: resuming: {len(done)} finished rows reused from {partial}")
+
+    def checkpoint(k: str, row: dict) -> None:
+        done[k] = row
+        atomic_write_text(partial, json.dumps({"key": key, "rows": done}, ensure_ascii=False))
+
+    rows = evaluate_rows(task, scorer, cfg, langs, data, options, ns, stats, log, done=dict(done), on_row=checkpoint)
 
     result = {
         "format": FORMAT,
@@ -328,4 +364,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{task.name}.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     atomic_write_text(out / f"{task.name}.md", markdown(result) + "\n")
+    partial.unlink(missing_ok=True)
+    if partial.parent.is_dir() and not any(partial.parent.iterdir()):
+        partial.parent.rmdir()
     return result
