@@ -478,3 +478,51 @@ def test_end_to_end_on_tiny_trained_model(shared_model, shared_stats, shared_dat
     assert set(bl["conditions"]) == {"baseline", "en", "fr", "es"}
     assert all(0.0 <= c["accuracy"] <= 1.0 and c["n"] == 5 for c in bl["conditions"].values())
     assert bl["selected"] == rk["selected"]
+
+
+def test_token_healing_takes_back_the_last_token_and_constrains_the_first(demo):
+    """Healing removes each prompt's last token; the first generated token must start with its text.
+    Where the constrained greedy choice is that very token, the healed continuation equals the plain
+    one (the model then reads the same tokens)."""
+    model, tok = demo
+    prompts = ['Deutsch:"Haus"→中文:', 'English:"house"→Français:', 'Español:"sí"→English:"yes"']
+    plain = icl.HFGenerator(model, tok, max_new_tokens=6, batch_size=2)
+    healed = icl.HFGenerator(model, tok, max_new_tokens=6, batch_size=2, token_healing=True)
+    ids, prefixes, allowed = healed._healed(prompts)
+    full = tok(prompts, add_special_tokens=True)["input_ids"]
+    for row, (x, y, p) in enumerate(zip(ids, full, prefixes)):
+        assert x == y[:-1] and p == tok.decode(y[-1:]) and allowed[row, y[-1]]
+        assert all(tok.decode([i]).startswith(p) for i in torch.nonzero(allowed[row]).flatten().tolist())
+    out_plain, out_healed = plain(prompts), healed(prompts)
+    for x, y, row in zip(ids, full, range(len(prompts))):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([x])).logits[0, -1]
+        first = int(logits.masked_fill(~allowed[row], float("-inf")).argmax())
+        if first == y[-1]:
+            assert out_healed[row] == out_plain[row]
+    assert healed(prompts[:1]) == out_healed[:1]           # batching does not change the result
+    assert all(isinstance(o, str) for o in out_healed)
+
+
+def test_token_healing_makes_a_memorised_bridge_work(shared_data):
+    """experiments/bridge_synthetic.py (a tiny model trained on dictionary lines in the BLI prompt
+    format; about 80 s to train, cached): with token healing, BLI de->zh through English on words whose
+    de->zh chain the model never saw is far above the direct prompt and the unseen bridge fr; the
+    plain prompt, which stops inside the merged ':"' token, gets (almost) nothing."""
+    import importlib.util
+    from conftest import CACHE, _build, _key
+    import langneurons.tiny as tiny_mod
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bridge_synthetic", repo / "experiments" / "bridge_synthetic.py")
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    if not (exp.SHARED / "muse" / "full" / "en-zh.txt").is_file():
+        pytest.skip(f"needs {exp.SHARED / 'muse'} (the shared data)")
+    target = CACHE / f"bridge-synthetic-{_key(tiny_mod.TRAINER_VERSION, 'words=400,steps=1200,seed=0')}"
+    out = _build(target, lambda tmp: exp.run(tmp))      # the trained model is cached, BLI is recomputed
+    r = exp.run(out)
+    assert r["merged_colon_quote"]
+    test = r["healed/test"]
+    assert test["en"] >= 0.8 and test["baseline"] <= 0.1 and test["fr"] <= 0.1, test
+    assert r["healed/train"]["en"] >= 0.9
+    assert r["plain/test"]["en"] < test["en"] - 0.5

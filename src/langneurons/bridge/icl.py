@@ -175,9 +175,9 @@ def _pad_id(tokenizer) -> int:
     raise UserError("the tokenizer has neither a pad nor an eos token; batching needs one of them")
 
 
-def _left_pad(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(tokenizer, prompts: Sequence[str], device, ids=None) -> tuple[torch.Tensor, torch.Tensor]:
     from ..collect import pad_sentences
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if ids is None else ids
     if any(len(x) == 0 for x in ids):
         raise UserError("a prompt tokenised to zero tokens; check the tokenizer")
     input_ids, mask = pad_sentences(ids, _pad_id(tokenizer), "left")
@@ -196,6 +196,20 @@ class _NewlineStop:
         return torch.tensor(["\n" in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
+class _HealFirstToken:
+    """Logits processor: at the first generated position, row ``b`` may only produce tokens whose
+    text starts with ``prefixes[b]`` (the prompt's last token, taken back: token healing)."""
+
+    def __init__(self, allowed: torch.Tensor, prompt_len: int):
+        self.allowed, self.prompt_len = allowed, prompt_len      # bool [B, V]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.prompt_len:
+            return scores
+        allowed = self.allowed[:, :scores.shape[1]].to(scores.device)
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
 class HFGenerator:
     """Greedy generation with a HF causal LM: ``gen(prompts) -> continuations``.
 
@@ -204,28 +218,62 @@ class HFGenerator:
     the result) and run ``batch_size`` at a time.  Each row stops at its first newline or after
     ``max_new_tokens``; the returned text is the decoded continuation (special tokens skipped)
     cut before the first newline.
+
+    ``token_healing``: a prompt that ends in ``{T}:`` stops at a token boundary the model may rarely
+    see in text, when the tokenizer merges ``:`` with what usually follows (``:"`` is one token in
+    many BPE vocabularies). With healing, the prompt's last token is taken back and the first
+    generated token must start with its text; the returned continuation is what follows that text.
+    Off by default ([X25] prompts the model as is).
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 8, batch_size: int = 16):
+    def __init__(self, model, tokenizer, max_new_tokens: int = 8, batch_size: int = 16, token_healing: bool = False):
         if max_new_tokens < 1 or batch_size < 1:
             raise UserError("--max-new-tokens and --batch-size must be at least 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device = model.get_input_embeddings().weight.device
+        self.token_healing = bool(token_healing)
+        self._vocab_text: Optional[list[str]] = None
+
+    def _healed(self, prompts: Sequence[str]):
+        """Token ids without each prompt's last token, that token's text, and the allowed first tokens."""
+        tok = self.tokenizer
+        if self._vocab_text is None:
+            self._vocab_text = [tok.decode([i]) for i in range(len(tok))]
+        ids, prefixes = [], []
+        for x in tok(list(prompts), add_special_tokens=True)["input_ids"]:
+            specials = set(tok.all_special_ids)
+            if len(x) >= 2 and x[-1] not in specials:
+                prefixes.append(tok.decode(x[-1:]))
+                x = x[:-1]
+            else:
+                prefixes.append("")
+            ids.append(x)
+        allowed = torch.tensor([[t.startswith(p) for t in self._vocab_text] for p in prefixes], dtype=torch.bool)
+        return ids, prefixes, allowed
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> list[str]:
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):
-            ids, mask = _left_pad(self.tokenizer, prompts[i:i + self.batch_size], self.device)
-            gen = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
+            chunk = prompts[i:i + self.batch_size]
+            prefixes, processors = [""] * len(chunk), []
+            if self.token_healing:
+                token_ids, prefixes, allowed = self._healed(chunk)
+                ids, mask = _left_pad(self.tokenizer, chunk, self.device, ids=token_ids)
+                processors.append(_HealFirstToken(allowed, ids.shape[1]))
+            else:
+                ids, mask = _left_pad(self.tokenizer, chunk, self.device)
+            gen = self.model.generate(   # with healing, one more token: the first one re-creates the prompt's last
+                input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens + bool(self.token_healing),
+                do_sample=False,
                 num_beams=1, pad_token_id=_pad_id(self.tokenizer),
                 stopping_criteria=StoppingCriteriaList([_NewlineStop(self.tokenizer, ids.shape[1])]),
+                logits_processor=LogitsProcessorList(processors),
                 temperature=None, top_p=None, top_k=None)
             texts = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-            out.extend(t.split("\n", 1)[0] for t in texts)
+            out.extend((t[len(p):] if t.startswith(p) else t).split("\n", 1)[0] for t, p in zip(texts, prefixes))
         return out
 
 

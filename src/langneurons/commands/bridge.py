@@ -73,6 +73,10 @@ def _add_model(p) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass / generate call [16]")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--token-healing", action="store_true",
+                   help="take back each prompt's last token and make the first generated token start with its "
+                        "text (prompts end in '{T}:', which BPE vocabularies often merge with the quote that "
+                        "follows; off by default, as the paper)")
 
 
 def _add_names(p) -> None:
@@ -319,13 +323,15 @@ def run_probe(args) -> int:
     names = _names(args, [c for p in pairs for c in p])
     dicts = _dictionaries(args, pairs)
     model, tok = _load(args)
-    gen = HFGenerator(model, tok, args.max_new_tokens, args.batch_size)
-    summary = {"model": args.model, "filter": args.filter, "split": args.split, "limit": args.limit, "pairs": {}}
+    gen = HFGenerator(model, tok, args.max_new_tokens, args.batch_size, token_healing=args.token_healing)
+    summary = {"model": args.model, "filter": args.filter, "split": args.split, "limit": args.limit,
+               "token_healing": args.token_healing, "pairs": {}}
     for (s, t), entries in dicts.items():
         ps = build_probes(model, tok, entries, s, t, names, args.filter, gen, site=args.site,
                           batch_size=args.batch_size, include_special=args.include_special,
                           max_probes=args.max_probes,
-                          extra_meta={"model": args.model, "dictionary": str(args.dict or args.muse_dir),
+                          extra_meta={"model": args.model, "token_healing": args.token_healing,
+                                      "dictionary": str(args.dict or args.muse_dir),
                                       "split": args.split, "limit": args.limit, "shuffle": args.shuffle,
                                       "seed": args.seed, "skip_identical": args.skip_identical,
                                       "max_new_tokens": args.max_new_tokens})
@@ -438,9 +444,10 @@ def run_bli(args) -> int:
     names = _names(args, [c for (s, t), (cands, _) in plan.items() for c in (s, t, *cands)])
     dicts = _dictionaries(args, pairs)
     model, tok = _load(args)
-    gen = HFGenerator(model, tok, args.max_new_tokens, args.batch_size)
+    gen = HFGenerator(model, tok, args.max_new_tokens, args.batch_size, token_healing=args.token_healing)
     out = Path(args.out)
-    summary = {"model": args.model, "split": args.split, "limit": args.limit, "pairs": {}}
+    summary = {"model": args.model, "split": args.split, "limit": args.limit, "token_healing": args.token_healing,
+               "pairs": {}}
     for (s, t), entries in dicts.items():
         cands, selected = plan[(s, t)]
         res = bli(gen, entries, s, t, [None, *cands], names)
@@ -469,10 +476,10 @@ def run_mrc(args) -> int:
     bridges = [c for c in dict.fromkeys(_codes(args.bridges)) if c != args.lang]
     names = _names(args, [args.lang, *bridges])
     model, tok = _load(args)
-    translate = HFGenerator(model, tok, args.max_new_tokens, args.batch_size)
+    translate = HFGenerator(model, tok, args.max_new_tokens, args.batch_size, token_healing=args.token_healing)
     choose = HFChoiceScorer(model, tok, args.batch_size)
     res = mrc(items, choose, args.lang, [None, *bridges], names, translate)
-    res.update(model=args.model, data=str(args.data), names=names)
+    res.update(model=args.model, data=str(args.data), names=names, token_healing=args.token_healing)
     out = Path(args.out)
     _write_json(out / f"mrc-{args.lang}.json", res)
     accs = {k: v["accuracy"] for k, v in res["conditions"].items()}
