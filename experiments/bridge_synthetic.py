@@ -86,7 +86,8 @@ def run(out: Path, words: int = 400, steps: int = 1200, seed: int = 0, quiet: bo
     model_dir = out / "model"
     if not (model_dir / "langneurons_train.json").is_file():
         rc = cli(["tiny-train", *[a for c in files for a in ("--lang", f"{c}={data / (c + '.txt')}")],
-                  "--out", str(model_dir), "--steps", str(steps), "--seed", str(seed), *(["--quiet"] if quiet else [])])
+                  "--out", str(model_dir), "--steps", str(steps), "--seed", str(seed),
+                  "--threads", str(min(2, os.cpu_count() or 1)), *(["--quiet"] if quiet else [])])
         if rc:
             raise SystemExit(rc)
     model, tok = load_model(str(model_dir), torch.device("cpu"), torch.float32)
