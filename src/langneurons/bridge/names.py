@@ -13,49 +13,9 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from ..errors import UserError
+from ..languages import ENDONYMS, ENGLISH_NAMES
 
 __all__ = ["ENDONYMS", "ENGLISH_NAMES", "NAME_STYLES", "language_name", "parse_name_overrides"]
-
-#: The language's own name for itself.
-ENDONYMS: dict[str, str] = {
-    "ar": "العربية",
-    "bg": "Български",
-    "de": "Deutsch",
-    "el": "Ελληνικά",
-    "en": "English",
-    "es": "Español",
-    "fi": "Suomi",
-    "fr": "Français",
-    "he": "עברית",
-    "hi": "हिन्दी",
-    "hu": "Magyar",
-    "id": "Bahasa Indonesia",
-    "it": "Italiano",
-    "ja": "日本語",
-    "ko": "한국어",
-    "nl": "Nederlands",
-    "pl": "Polski",
-    "pt": "Português",
-    "ro": "Română",
-    "ru": "Русский",
-    "sw": "Kiswahili",
-    "th": "ไทย",
-    "tl": "Tagalog",
-    "tr": "Türkçe",
-    "uk": "Українська",
-    "ur": "اردو",
-    "vi": "Tiếng Việt",
-    "zh": "中文",
-}
-
-#: English names of the same languages.
-ENGLISH_NAMES: dict[str, str] = {
-    "ar": "Arabic", "bg": "Bulgarian", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
-    "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian", "id": "Indonesian",
-    "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch", "pl": "Polish", "pt": "Portuguese",
-    "ro": "Romanian", "ru": "Russian", "sw": "Swahili", "th": "Thai", "tl": "Tagalog", "tr": "Turkish",
-    "uk": "Ukrainian", "ur": "Urdu", "vi": "Vietnamese", "zh": "Chinese",
-}
 
 NAME_STYLES = ("endonym", "english")
 

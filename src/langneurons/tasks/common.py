@@ -35,16 +35,6 @@ FLORES_CODES = {
     "vi": "vie_Latn", "zh": "zho_Hans", "zh-Hant": "zho_Hant",
 }
 
-#: English language names, used in translation prompts and tables.
-LANGUAGE_NAMES = {
-    "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "de": "German", "el": "Greek", "en": "English",
-    "es": "Spanish", "et": "Estonian", "fr": "French", "hi": "Hindi", "ht": "Haitian Creole", "id": "Indonesian",
-    "it": "Italian", "ja": "Japanese", "ko": "Korean", "pt": "Portuguese", "qu": "Quechua", "ro": "Romanian",
-    "ru": "Russian", "sw": "Swahili", "ta": "Tamil", "th": "Thai", "tr": "Turkish", "ur": "Urdu",
-    "vi": "Vietnamese", "zh": "Chinese", "zh-Hant": "Chinese (Traditional)",
-}
-
-
 def flores_code(lang: str) -> str:
     """``zh`` -> ``zho_Hans``; a FLORES code (``xxx_Yyyy``) is returned as it is."""
     if "_" in lang and len(lang) == 8:

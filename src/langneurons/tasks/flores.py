@@ -25,7 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .common import LANGUAGE_NAMES, GenerateTask, flores_code, load_hf_records, parse_hf_spec
+from ..languages import ENGLISH_NAMES
+from .common import GenerateTask, flores_code, load_hf_records, parse_hf_spec
 
 NO_SPACE_CHAR = ("ja", "ko", "th", "jpn_Jpan", "kor_Hang", "tha_Thai")
 
@@ -118,7 +119,7 @@ class Flores(GenerateTask):
         return [{"source": s, "reference": t} for s, t in zip(src, tgt)]
 
     def names(self, lang: str, source: str) -> tuple[str, str]:
-        return LANGUAGE_NAMES.get(source, source), LANGUAGE_NAMES.get(lang, lang)
+        return ENGLISH_NAMES.get(source, source), ENGLISH_NAMES.get(lang, lang)
 
     def prompt(self, doc, lang, source: str = "en", **options):
         src_name, tgt_name = self.names(lang, source)

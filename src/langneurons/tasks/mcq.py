@@ -31,7 +31,8 @@ from typing import Optional
 
 from ..errors import UserError
 from ..jsonl import read_jsonl
-from .common import LANGUAGE_NAMES, LETTERS, LetterTask, flores_code
+from ..languages import ENGLISH_NAMES
+from .common import LETTERS, LetterTask, flores_code
 
 
 def _choices(r: dict) -> Optional[list[str]]:
@@ -75,7 +76,7 @@ class MultipleChoice(LetterTask):
         if self._cfg == "flores":
             return flores_code(lang)
         if self._cfg == "name":
-            return LANGUAGE_NAMES.get(lang, lang)
+            return ENGLISH_NAMES.get(lang, lang)
         return lang
 
     def local_file(self, directory: Path, lang, split):
@@ -92,7 +93,7 @@ class MultipleChoice(LetterTask):
         for i, r in enumerate(records):
             w = f"{where} record {i + 1}"
             rl = r.get("lang", r.get("language"))
-            if rl is not None and str(rl) not in codes and str(rl) != LANGUAGE_NAMES.get(lang):
+            if rl is not None and str(rl) not in codes and str(rl) != ENGLISH_NAMES.get(lang):
                 continue
             question = r.get("question")
             if not isinstance(question, str) or not question.strip():
