@@ -151,7 +151,8 @@ def _looks_like_activation(mod: nn.Module) -> bool:
     return any(h in name for h in _ACT_CLASS_HINTS) and "linear" not in name and "norm" not in name
 
 
-def _out_features(mod: nn.Module) -> Optional[int]:
+def out_features(mod: nn.Module) -> Optional[int]:
+    """Outputs of a linear-like module (``nn.Linear``: weight ``(out, in)``; GPT-2 ``Conv1D``: ``(in, out)``)."""
     w = getattr(mod, "weight", None)
     if w is None or w.dim() != 2:
         return None
@@ -160,7 +161,8 @@ def _out_features(mod: nn.Module) -> Optional[int]:
     return w.shape[0]
 
 
-def _in_features(mod: nn.Module) -> Optional[int]:
+def in_features(mod: nn.Module) -> Optional[int]:
+    """Inputs of a linear-like module (see :func:`out_features`)."""
     w = getattr(mod, "weight", None)
     if w is None or w.dim() != 2:
         return None
@@ -200,17 +202,17 @@ def autodetect(model: nn.Module) -> ArchSpec:
     container_path = act_path.rsplit(".", 1)[0] if "." in act_path else ""
     container = get_path(layer0, container_path)
     prefix = container_path + "." if container_path else ""
-    linears = [(n, m) for n, m in container.named_children() if _out_features(m) is not None]
+    linears = [(n, m) for n, m in container.named_children() if out_features(m) is not None]
     hidden = getattr(config, "hidden_size", None)
-    downs = [(n, m) for n, m in linears if _out_features(m) == hidden and _in_features(m) != hidden]
+    downs = [(n, m) for n, m in linears if out_features(m) == hidden and in_features(m) != hidden]
     if len(downs) != 1:
         raise UserError(f"cannot find the down projection of model type {config.model_type!r}; {hint}")
     down_name, down = downs[0]
-    width = _in_features(down)
-    ins = [(n, m) for n, m in linears if _in_features(m) == hidden and n != down_name]
+    width = in_features(down)
+    ins = [(n, m) for n, m in linears if in_features(m) == hidden and n != down_name]
     layout = "conv1d" if type(down).__name__ == "Conv1D" else "linear"
-    fused = [n for n, m in ins if _out_features(m) == 2 * width]
-    plain = [n for n, m in ins if _out_features(m) == width]
+    fused = [n for n, m in ins if out_features(m) == 2 * width]
+    plain = [n for n, m in ins if out_features(m) == width]
     if fused and not plain:
         return ArchSpec(layers=layers_path, gate=prefix + fused[0], act=act_path, down=prefix + down_name,
                         gate_layout="fused_gate_up", gated=True)
@@ -277,8 +279,8 @@ class Adapter:
 
     def _width(self) -> int:
         down = self.layers[0].down
-        width = _in_features(down)
-        gate_out = _out_features(self.layers[0].gate)
+        width = in_features(down)
+        gate_out = out_features(self.layers[0].gate)
         expected = 2 * width if self.spec.gate_layout == "fused_gate_up" else width
         if width is None or gate_out != expected:
             raise UserError(f"the MLP of model type {self.model_type!r} does not match layout "

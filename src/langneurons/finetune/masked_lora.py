@@ -72,7 +72,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..arch import Adapter
+from ..arch import Adapter, in_features, out_features
 from ..errors import UserError
 from ..neuronset import NeuronSet
 from ..atomic import atomic_write_text
@@ -111,14 +111,6 @@ def parse_roles(text: str | Sequence[str] | None, allowed: Sequence[str], option
         raise UserError(f"{option} {','.join(bad)} is unknown; use a comma-separated subset of "
                         f"{','.join(allowed)} (or none)")
     return tuple(r for r in allowed if r in items)
-
-
-def _weight_shape(mod: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of a linear-like module (GPT-2 ``Conv1D`` stores its weight ``(in, out)``)."""
-    w = mod.weight
-    if type(mod).__name__ == "Conv1D":
-        return int(w.shape[1]), int(w.shape[0])
-    return int(w.shape[0]), int(w.shape[1])
 
 
 def _is_linear_like(mod: nn.Module) -> bool:
@@ -197,7 +189,7 @@ def mlp_mask_targets(model: nn.Module, neuron_mask: torch.Tensor, roles: Sequenc
             out.append(MaskTarget(names[id(mods.down)], ("down",), l, "cols", m.clone()))
     for t in out:   # sanity: the mask length matches the module
         mod = model.get_submodule(t.name)
-        o, i = _weight_shape(mod)
+        o, i = out_features(mod), in_features(mod)
         size = o if t.kind == "rows" else i
         if size != t.keep.numel():
             raise UserError(f"module {t.name} has {size} {'outputs' if t.kind == 'rows' else 'inputs'} but the mask "
