@@ -131,46 +131,58 @@ def test_collect_writes_the_documented_layout(demo_model, tmp_path):
         t = _tensors(out, c)
         assert t["count_pos"].dtype == torch.int64 and t["sum"].dtype == torch.float64
         assert int(t["n_tokens"]) == meta["languages"][c]["n_tokens"] == 2048
+        # a small corpus is sketched in full: no sampling, no sampling error
+        assert meta["languages"][c]["sketch"] == {"rate": 1.0, "sampled_tokens": 2048, "error_bound_pp": 0.0}
+        assert "sketch_zeros" not in t
+    assert meta["sketch"]["rate"] == "auto" and meta["sketch"]["error_pp"] == 0.3
+    assert meta["sketch"]["sample_target"] > 10**5
     assert not (out / ".partial").exists()
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(demo_model, tmp_path):
+    """With a sampled sketch (rate 0.3): the resumed run samples exactly the positions of the first."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     langs = ("en", "zh")
-    _run_in_process(_collect_args(demo_model, ref, langs=langs))
+    _run_in_process(_collect_args(demo_model, ref, "--sketch-rate", "0.3", langs=langs))
     # 2048 tokens / (4 x 32) = 16 batches per language: killed in the middle of zh, after en finished
-    r = _run_cli(_collect_args(demo_model, run, "--checkpoint-every", "1e9", langs=langs),
+    r = _run_cli(_collect_args(demo_model, run, "--checkpoint-every", "1e9", "--sketch-rate", "0.3", langs=langs),
                  env={"LANGNEURONS_FAULT_AFTER_BATCHES": "21"}, check=False)
     assert r.returncode == -9  # killed by SIGKILL mid-language
     assert (run / ".partial").is_dir() and (run / "en.safetensors").is_file()
     assert not (run / "zh.safetensors").exists()
     assert list(json.loads((run / "stats.json").read_text())["languages"]) == ["en"]
-    _run_in_process(_collect_args(demo_model, run, langs=langs))
+    _run_in_process(_collect_args(demo_model, run, "--sketch-rate", "0.3", langs=langs))
     for c in langs:
         a, b = _tensors(ref, c), _tensors(run, c)
+        assert int(a["sketch_tokens"]) == 16 * 39   # ceil(0.3 x 128) positions of each of 16 batches
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (c, k)
     # a rerun of a finished command changes nothing
     before = (run / "en.safetensors").stat().st_mtime_ns
-    _run_in_process(_collect_args(demo_model, run, langs=langs))
+    _run_in_process(_collect_args(demo_model, run, "--sketch-rate", "0.3", langs=langs))
     assert (run / "en.safetensors").stat().st_mtime_ns == before
 
 
 def test_torchrun_two_processes_equal_one(demo_model, tmp_path):
+    """With a sampled sketch: each batch's sample depends on (seed, batch), not on the rank."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _run_in_process(_collect_args(demo_model, one, langs=("en", "ja")))
+    _run_in_process(_collect_args(demo_model, one, "--sketch-rate", "0.25", langs=("en", "ja")))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                        "-m", "langneurons", *_collect_args(demo_model, two, langs=("en", "ja"))],
+                        "-m", "langneurons", *_collect_args(demo_model, two, "--sketch-rate", "0.25",
+                                                            langs=("en", "ja"))],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     for c in ("en", "ja"):
         a, b = _tensors(one, c), _tensors(two, c)
-        for k in ("n_tokens", "count_pos", "count_neg", "hist", "edges", "vmin", "vmax"):
+        for k in ("n_tokens", "count_pos", "count_neg", "hist", "edges", "vmin", "vmax", "sketch_tokens",
+                  "sketch_zeros"):
             assert torch.equal(a[k], b[k]), (c, k)
         for k in ("sum", "sumsq"):
             assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-9), (c, k)
+    meta = json.loads((two / "stats.json").read_text())
+    assert meta["languages"]["en"]["sketch"]["rate"] == 0.25 and meta["sketch"]["rate"] == 0.25
 
 
 # ------------------------------------------------------------------ bad input

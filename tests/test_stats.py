@@ -175,3 +175,125 @@ def test_activation_stats_directory_errors(tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(UserError, match="not a langneurons"):
         ActivationStats.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------- the sampled sketch
+def _synthetic(kind, n, I, seed):
+    """Activations of ``n`` tokens: SiLU, GELU, ReLU (a point mass at 0) and a heavy tail (Student t, 2 dof)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, I, generator=g) * torch.linspace(0.3, 4, I) + torch.linspace(-1, 1, I)
+    if kind == "silu":
+        return torch.nn.functional.silu(z)
+    if kind == "gelu":
+        return torch.nn.functional.gelu(z)
+    if kind == "relu":
+        return torch.relu(z)
+    chi2 = torch.randn(n, 2, I, generator=g).pow(2).sum(1)   # Student t with 2 degrees of freedom
+    return z / (chi2 / 2).sqrt()
+
+
+def _sketch_stream(kind, n_tokens, I, chunk, rate, seed=7):
+    """Feed ``n_tokens`` synthetic activations in batches of ``chunk``, sampled as collect samples."""
+    from langneurons.stats import calibration_edges, sample_positions
+    ls = LanguageStats(1, I, sketch_bins=128, sketch_rate=rate)
+    ls.set_edges(0, calibration_edges(_synthetic(kind, 4096, I, seed=999), 128))
+    for b in range(n_tokens // chunk):
+        x = _synthetic(kind, chunk, I, seed=seed * 100_000 + b)
+        pick = sample_positions(chunk, rate, seed, b)
+        ls.add_layer(0, x, sketch_rows=pick)
+        ls.add_tokens(chunk, chunk if pick is None else len(pick))
+    return ls
+
+
+def _stream_rank_error(kind, n_tokens, I, chunk, q, p, seed=7):
+    """Percentile-point error of the quantiles ``q [I]`` against the exact data, regenerated in chunks."""
+    lo = torch.zeros(I, dtype=torch.float64)
+    hi = torch.zeros(I, dtype=torch.float64)
+    for b in range(n_tokens // chunk):
+        x = _synthetic(kind, chunk, I, seed=seed * 100_000 + b)
+        lo += (x < q).sum(0)
+        hi += (x <= q).sum(0)
+    lo, hi = lo / n_tokens, hi / n_tokens
+    return ((lo - p).clamp_min(0) + (p - hi).clamp_min(0)) * 100
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu", "relu", "heavy"])
+@pytest.mark.parametrize("n_tokens", [40_000, 3_000_000])
+def test_sampled_sketch_within_its_guarantee(kind, n_tokens):
+    """At the default settings collect would use, P10/P50/P90 of every neuron are within 0.5 pp of the
+    exact quantiles: small corpora are sketched in full, large ones sampled at rate m / n."""
+    from langneurons.stats import SKETCH_ERROR_PP, sketch_error_bound, sketch_rate
+    I, chunk = 24, 20_000
+    rate = sketch_rate(n_tokens, I)
+    assert (rate == 1.0) == (n_tokens == 40_000)
+    ls = _sketch_stream(kind, n_tokens, I, chunk, rate)
+    sampled = int(ls.n_tokens if ls.sketch_tokens is None else ls.sketch_tokens)
+    assert int(ls.n_tokens) == n_tokens
+    bound = sketch_error_bound(I, sampled, n_tokens)
+    assert bound <= SKETCH_ERROR_PP + 1e-9
+    if rate < 1:
+        assert abs(sampled - rate * n_tokens) <= n_tokens // chunk   # ceil per batch
+    for p in (0.1, 0.5, 0.9):
+        err = _stream_rank_error(kind, n_tokens, I, chunk, ls.quantile(p)[0].float(), p)
+        assert float(err.max()) <= 0.5, (kind, n_tokens, p, float(err.max()))
+
+
+def test_sample_positions_are_seeded_by_seed_and_batch():
+    from langneurons.stats import sample_positions
+    a = sample_positions(1000, 0.1, seed=3, index=5)
+    assert len(a) == 100 and torch.equal(a, a.sort().values) and len(set(a.tolist())) == 100
+    assert torch.equal(a, sample_positions(1000, 0.1, seed=3, index=5))
+    assert not torch.equal(a, sample_positions(1000, 0.1, seed=3, index=6))
+    assert not torch.equal(a, sample_positions(1000, 0.1, seed=4, index=5))
+    assert sample_positions(1000, 1.0, seed=3, index=5) is None
+    assert len(sample_positions(7, 0.5, seed=0, index=0)) == 4          # ceil(3.5)
+
+
+def test_sampled_shards_merge_and_resume_exactly(tmp_path):
+    """Ranks taking batches i, i + W, ... and a resume from a checkpoint give one process's sketch."""
+    from langneurons.stats import calibration_edges, sample_positions
+    I, rate, seed = 16, 0.3, 11
+    edges = calibration_edges(_synthetic("silu", 4096, I, 1), 64)
+    data = [_synthetic("silu", 500, I, seed=b) for b in range(6)]
+
+    def run(batches, ls=None):
+        ls = ls or LanguageStats(2, I, sketch_bins=64, sketch_rate=rate)
+        for layer in range(2):
+            ls.set_edges(layer, edges)
+        for b in batches:
+            pick = sample_positions(500, rate, seed, b)
+            for layer in range(2):
+                ls.add_layer(layer, data[b] * (layer + 1), sketch_rows=pick)
+            ls.add_tokens(500, len(pick))
+        return ls
+
+    one = run(range(6))
+    two = run([0, 2, 4]).merge(run([1, 3, 5]))
+    first = run(range(3))
+    first.save(tmp_path / "ckpt.safetensors")
+    resumed = run(range(3, 6), LanguageStats.load(tmp_path / "ckpt.safetensors"))
+    assert resumed.sketch_rate == rate
+    for other in (two, resumed):
+        for k in ("n_tokens", "count_pos", "count_neg", "hist", "sketch_tokens", "sketch_zeros"):
+            assert torch.equal(getattr(one, k), getattr(other, k)), k
+        assert torch.allclose(one.sum, other.sum, rtol=0, atol=1e-9)
+        assert torch.equal(one.quantile(0.5), other.quantile(0.5)) or torch.allclose(
+            one.quantile(0.5), other.quantile(0.5), rtol=0, atol=1e-12)
+    assert int(one.sketch_tokens) == 6 * 150
+    with pytest.raises(UserError, match="rates"):
+        one.merge(LanguageStats(2, I, sketch_bins=64, sketch_rate=0.5))
+
+
+def test_sampled_sketch_reads_exact_zeros_from_the_counts():
+    """A sampled sketch rescales its non-zero mass to the exact one, so the mass at 0 is exact."""
+    from langneurons.stats import sample_positions
+    x = _synthetic("relu", 20_000, 8, 3)
+    ls = LanguageStats(1, 8, sketch_bins=64, sketch_rate=0.2)
+    pick = sample_positions(20_000, 0.2, 0, 0)
+    ls.add_layer(0, x, sketch_rows=pick)
+    ls.add_tokens(20_000, len(pick))
+    exact_zero = (x == 0).double().mean(0)
+    at_zero = ls.cdf(torch.zeros(1, 8))[0] - ls.cdf(torch.full((1, 8), -1e-9))[0]
+    assert torch.allclose(at_zero, exact_zero, atol=1e-9)
+    assert int((ls.sketch_zeros[0] == int(ls.sketch_tokens)).sum()) >= 1   # a neuron sampled only at 0
+    assert torch.allclose(ls.frac_above(torch.zeros(1, 8))[0], (x > 0).double().mean(0), atol=1e-9)

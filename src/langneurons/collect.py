@@ -15,6 +15,12 @@ language. The sketch edges are calibrated once per language, before the counting
 evenly over the whole selection (edges fitted to one batch miss the corpus's spread: a neuron whose
 values drift between documents would put much of its mass in the open tail bins); rank 0's edges
 are broadcast, so the merged sketch equals a one-process run.
+
+Sampled sketch: counts and moments see every token; the quantile sketch sees a seeded sample of
+positions at rate ``min(1, m / n)`` for a language of ``n`` tokens, with ``m`` from the accuracy
+guarantee of :mod:`langneurons.stats` (``--sketch-error``, default 0.3 percentile points), or at a
+fixed ``--sketch-rate``. Batch ``i`` samples with a generator seeded by ``(seed, i)``, so ranks and
+resumes sample exactly what one uninterrupted process does.
 """
 
 from __future__ import annotations
@@ -40,11 +46,12 @@ from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, it
 from .atomic import atomic_write_text
 from .errors import UserError
 from .hooks import check_fired, observe
-from .stats import (CALIBRATION_TOKENS, DEFAULT_SKETCH_BINS, SKETCH_KINDS, STATS_FORMAT, ActivationStats,
-                    LanguageStats, calibration_edges)
+from .stats import (CALIBRATION_TOKENS, DEFAULT_SKETCH_BINS, SKETCH_DELTA, SKETCH_ERROR_PP, SKETCH_KINDS,
+                    SKETCH_LEVELS, STATS_FORMAT, ActivationStats, LanguageStats, calibration_edges, sample_positions,
+                    sketch_error_bound, sketch_rate, sketch_sample_size)
 
 #: Bump when a change alters the statistics the same command collects (caches key on it).
-COLLECT_VERSION = 2
+COLLECT_VERSION = 3
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -67,6 +74,8 @@ class CollectConfig:
     seed: int = 0
     sketch_bins: int = DEFAULT_SKETCH_BINS
     sketch_kind: str = "quantile"
+    sketch_rate: Optional[float] = None        # None: from the accuracy guarantee (sketch_error)
+    sketch_error: float = SKETCH_ERROR_PP      # percentile points, with probability 1 - SKETCH_DELTA
     bos: str = "window"
     separator: str = "eos"
     cache_dir: Optional[Path] = field(default_factory=default_cache_dir)
@@ -83,6 +92,10 @@ class CollectConfig:
         check_run_options(self.window, self.batch_size, self.max_tokens, self.dtype)
         if self.sketch_bins < 0 or self.sketch_bins == 1:
             raise UserError("--sketch-bins must be 0 (no sketch) or at least 2")
+        if self.sketch_rate is not None and not 0.0 < self.sketch_rate <= 1.0:
+            raise UserError(f"--sketch-rate {self.sketch_rate} must be in (0, 1]; 1 sketches every token")
+        if not 0.0 < self.sketch_error < 50.0:
+            raise UserError(f"--sketch-error {self.sketch_error} must be between 0 and 50 percentile points")
         if self.sketch_kind not in SKETCH_KINDS:
             raise UserError(f"unknown --sketch {self.sketch_kind!r}; use one of {', '.join(SKETCH_KINDS)}")
         if self.bos not in ("window", "none") or self.separator not in ("eos", "none"):
@@ -196,7 +209,8 @@ def _init_dist(device: torch.device) -> None:
 
 def _all_reduce_stats(ls: LanguageStats) -> None:
     import torch.distributed as dist
-    for name in ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "hist", "n_sentences", "sentence_mean"):
+    for name in ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "hist", "sketch_tokens", "sketch_zeros",
+                 "n_sentences", "sentence_mean"):
         t = getattr(ls, name)
         if t is not None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -210,6 +224,7 @@ class Batch:
     input_ids: torch.Tensor                    # [B, T]
     attention_mask: Optional[torch.Tensor]     # [B, T] (sentence unit only)
     first_sentence: int = 0
+    index: Optional[int] = None                # position in the selection: seeds the sketch sample
 
 
 #: windows (or sentences) the sketch edges are calibrated on, spread evenly over the selection
@@ -299,6 +314,8 @@ class Collector:
         self._calibration_rows = 0
         self._calibration_gen: Optional[torch.Generator] = None
         self._calibration_pick: Optional[torch.Tensor] = None
+        self._sketch_pick: Optional[torch.Tensor] = None
+        self.sketch_seed = 0
         self.batches_run = 0
 
     def _observe(self, layer: int, t: torch.Tensor) -> None:
@@ -315,7 +332,7 @@ class Collector:
             if layer == self._calibration_last:
                 raise _EnoughLayers                      # the later layers are not needed in this pass
             return
-        ls.add_layer(layer, x.to(ls.device))
+        ls.add_layer(layer, x.to(ls.device), sketch_rows=self._sketch_pick)
         if ls.sentence_mean is not None and self._first_sentence < ls.max_sentences:
             mask = self._sentence_mask
             m = mask.to(torch.float32).unsqueeze(-1)                        # [B, T, 1]
@@ -371,15 +388,22 @@ class Collector:
             self._sentence_mask = None
             n = ids.numel()
         self._first_sentence = batch.first_sentence
+        sketched = None
+        self._sketch_pick = None
         if self._calibrate_only:
             self._calibration_pick = (torch.randperm(n, generator=self._calibration_gen)[:self._calibration_rows]
                                       .sort().values if n > self._calibration_rows else None)
+        elif self.stats.sketch_tokens is not None:
+            index = batch.index if batch.index is not None else self.batches_run
+            pick = sample_positions(n, self.stats.sketch_rate, self.sketch_seed, index)
+            sketched = n if pick is None else len(pick)
+            self._sketch_pick = None if pick is None else pick.to(self.stats.device)
         with observe(self.adapter, self.site, self._observe) as calls:
             self.base(input_ids=ids, use_cache=False, **forward_kwargs(self.base, mask))
         check_fired(calls, list(range(self.adapter.num_layers)))
         if not self._calibrate_only:
             self.batches_run += 1
-            self.stats.add_tokens(n)
+            self.stats.add_tokens(n, sketched)
             if mask is not None:
                 self.stats.add_sentences(ids.shape[0])
         return n
@@ -389,7 +413,8 @@ class Collector:
 def _lang_key(cfg: CollectConfig, model_fp: str, cfp: str, world: int, rank: int) -> str:
     key = dict(model=model_fp, site=cfg.site, unit=cfg.unit, window=cfg.window, bos=cfg.bos, sep=cfg.separator,
                max_tokens=cfg.max_tokens, seed=cfg.seed, batch=cfg.batch_size, corpus=cfp, bins=cfg.sketch_bins,
-               kind=cfg.sketch_kind, sentences=cfg.sentences, world=world, rank=rank, dtype=cfg.dtype)
+               kind=cfg.sketch_kind, rate=cfg.sketch_rate, error=cfg.sketch_error, sentences=cfg.sentences,
+               world=world, rank=rank, dtype=cfg.dtype, version=COLLECT_VERSION)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -439,7 +464,7 @@ def collect(cfg: CollectConfig, model=None, tokenizer=None) -> ActivationStats:
     tok_fp = tokenizer_fingerprint(tokenizer)
     ident = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp, "site": cfg.site, "unit": cfg.unit,
              "window": cfg.window, "packing": packing.as_dict(), "sketch_bins": cfg.sketch_bins,
-             "sketch_kind": cfg.sketch_kind}
+             "sketch_kind": cfg.sketch_kind, "sketch_rate": cfg.sketch_rate, "sketch_error": cfg.sketch_error}
     out = Path(cfg.out)
     existing = _check_out(out, ident)
     meta = existing or {
@@ -452,7 +477,10 @@ def collect(cfg: CollectConfig, model=None, tokenizer=None) -> ActivationStats:
         "tokenizer_fingerprint": tok_fp,
         "unit": cfg.unit, "window": cfg.window, "packing": packing.as_dict(),
         "dtype": str(dtype).replace("torch.", ""),
-        "sketch": {"bins": cfg.sketch_bins, "kind": cfg.sketch_kind},
+        "sketch": {"bins": cfg.sketch_bins, "kind": cfg.sketch_kind,
+                   "rate": "auto" if cfg.sketch_rate is None else cfg.sketch_rate,
+                   "error_pp": cfg.sketch_error, "delta": SKETCH_DELTA, "levels": SKETCH_LEVELS,
+                   "sample_target": sketch_sample_size(adapter.num_layers * adapter.width, cfg.sketch_error)},
         "languages": {},
     }
     collector = Collector(model, adapter, cfg.site, input_device)
@@ -506,23 +534,26 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
                 _log(cfg, rank, f"{code}: resuming at batch {next_batch} of {len(batches_np)}")
         except (json.JSONDecodeError, KeyError, UserError):
             ls, next_batch = None, 0
+    n_neurons = collector.adapter.num_layers * collector.adapter.width
+    rate = cfg.sketch_rate if cfg.sketch_rate is not None else sketch_rate(total_tokens, n_neurons, cfg.sketch_error)
     if ls is None:
         S = cfg.sentences if cfg.unit == "sentence" else 0
         ls = LanguageStats(collector.adapter.num_layers, collector.adapter.width, cfg.sketch_bins, sentences=S,
-                           device=stats_device, sketch_kind=cfg.sketch_kind)
+                           device=stats_device, sketch_kind=cfg.sketch_kind, sketch_rate=rate)
     collector.stats = ls
+    collector.sketch_seed = cfg.seed
 
     def make_batch(i: Optional[int], items=None) -> Batch:
         """Batch ``i`` of the selection, or a batch of the given ``items`` (calibration)."""
         items = batches_np[i] if items is None else items
         if cfg.unit == "window":
-            return Batch(torch.from_numpy(items.astype(np.int64)), None)
+            return Batch(torch.from_numpy(items.astype(np.int64)), None, index=i)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         # Statistics passes always pad on the right: no query row is fully masked (left padding makes
         # some models, e.g. BLOOM, produce NaN that leaks into real positions), and the statistics of
         # real tokens do not depend on the tokenizer's padding side.
         ids, mask = pad_sentences(items, pad_id, "right")
-        return Batch(ids, mask, first_sentence=0 if i is None else i * cfg.batch_size)
+        return Batch(ids, mask, first_sentence=0 if i is None else i * cfg.batch_size, index=i)
 
     # Sketch calibration on windows (sentences) spread evenly over the whole selection, so that edges
     # fit the corpus rather than its first batch; identical on every rank (rank 0's edges are
@@ -559,6 +590,10 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
         _all_reduce_stats(ls)
     if rank == 0:
         lang_meta["n_tokens"] = int(ls.n_tokens)
+        if cfg.sketch_bins:
+            sampled = int(ls.n_tokens if ls.sketch_tokens is None else ls.sketch_tokens)
+            lang_meta["sketch"] = {"rate": ls.sketch_rate, "sampled_tokens": sampled,
+                                   "error_bound_pp": round(sketch_error_bound(n_neurons, sampled, int(ls.n_tokens)), 4)}
         if cfg.unit == "sentence":
             lang_meta["n_sentence_means"] = int(min(int(ls.n_sentences), ls.max_sentences))
         ls.save(out / f"{code}.safetensors")

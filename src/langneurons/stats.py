@@ -8,16 +8,13 @@
 - ``sum``, ``sumsq`` (float64): first and second moments, for mean and standard deviation;
 - ``vmin``, ``vmax`` (float32): running extremes;
 - a quantile sketch: per neuron, a histogram over ``B`` bins with edges ``e_0 <= ... <= e_B`` fixed
-  from a calibration sample (the first batch of the language), plus an underflow and an overflow
-  bin. Two kinds of edges:
+  from a calibration sample, plus an underflow and an overflow bin. Two kinds of edges:
 
   * ``quantile`` (default): the calibration sample's own quantiles, so every bin holds about
-    ``1/B`` of the tokens; accurate even where the density has a spike (the minimum of SiLU/GELU):
-    a quantile is off by at most about half a bin's mass (``50/B`` percentile points; 0.4 at the
-    default ``B = 128``) plus the calibration sample's own noise.
+    ``1/B`` of the tokens; accurate even where the density has a spike (the minimum of SiLU/GELU).
     Binning is a per-neuron ``searchsorted``: cheap on a GPU, costly on a CPU.
   * ``uniform``: ``B`` equal-width bins between the calibration P0.5 and P99.5. Binning is one
-    multiply-add, a floor and a ``bincount`` (fast on a CPU); less accurate near density spikes.
+    multiply-add, a floor and a ``bincount``; less accurate near density spikes.
 
   Counts are exact integers, so sketches with the same edges merge by addition. Exact zeros are a
   separate point mass (from ``count_pos`` and ``count_neg``). Quantiles and the fraction of tokens
@@ -26,8 +23,37 @@
 - in sentence mode, the mean activation of each of the first ``S`` sentences
   (``sentence_mean``, ``[S, L, I]``), from which ``p_max`` and ``p_median`` are derived.
 
+**The sampled sketch and its accuracy guarantee.** Counts, moments and extremes are exact over every
+token. The sketch may instead see a seeded sample of token positions: with rate ``r < 1`` each batch
+contributes ``ceil(r n_b)`` of its ``n_b`` real positions, drawn without replacement by a generator
+seeded with ``(seed, batch index)``, the same positions in every layer (so the sample does not depend
+on how batches are split over ranks or resumes). The sketch then also keeps ``sketch_tokens`` and the
+sample's exact zeros ``sketch_zeros``; the exact zero mass comes from the counts over all tokens, and
+the sample's non-zero histogram is rescaled to the exact non-zero mass.
+
+For ``m`` sampled positions and any fixed threshold ``t``, Hoeffding's inequality bounds the
+deviation of the sample's CDF from the corpus's, ``P(|F_m(t) - F(t)| >= eps) <= 2 exp(-2 m eps^2)``;
+it holds for sampling without replacement (Hoeffding 1963, section 6) and so for a sample drawn
+without replacement batch by batch. Applied at ``F^-1(p - eps)`` and ``F^-1(p + eps)`` for each of
+``K`` quantile levels ``p`` on the grid P1..P99 and each of the ``N = L I`` neurons, a union bound
+gives: with probability at least ``1 - delta``, every grid quantile of every neuron read from the
+sample lies within ``eps`` of the corpus's own (in percentile points), when
+
+    m >= ln(2 N K / delta) / (2 eps^2)            (:func:`sketch_sample_size`)
+
+The default (``eps`` = 0.3 percentile points, ``delta`` = 0.01, ``K`` = 99) asks for about 1.1 M
+positions for 10^4 neurons and 1.4 M for the 2.3 M neurons of a 70B model; collect picks
+``r = min(1, m / n)`` for a language of ``n`` tokens (small corpora are sketched in full) and
+records the rate, ``m`` and the achieved ``eps`` in stats.json. The histogram read-off adds its own
+error, at most the mass of one bin and in practice far less (linear interpolation inside bins of
+about ``1/B`` of the mass: ``benchmarks/collect.py`` measures both parts on model activations, and
+``tests/test_stats.py`` checks the sum on synthetic SiLU, GELU, ReLU and heavy-tailed activations).
+- in sentence mode, the mean activation of each of the first ``S`` sentences
+  (``sentence_mean``, ``[S, L, I]``), from which ``p_max`` and ``p_median`` are derived.
+
 Everything except the sketch edges is additive; :meth:`LanguageStats.merge` adds another shard,
-and a shard with other edges is refused (collect calibrates every shard of one run identically).
+and a shard with other edges or another sampling rate is refused (collect calibrates every shard of
+one run identically).
 
 :class:`ActivationStats` is the on-disk collection: ``DIR/stats.json`` (metadata) and one
 ``DIR/<CODE>.safetensors`` per language.
@@ -37,10 +63,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -54,19 +82,67 @@ SKETCH_KINDS = ("quantile", "uniform")
 CALIBRATION_RANGE = (0.005, 0.995)
 CALIBRATION_TOKENS = 4096
 _CHUNK = 1 << 20  # tokens per accumulation step: keeps float32 counts exact
+#: the sampled sketch's guarantee (module docstring): error in percentile points, failure probability,
+#: and the quantile levels it covers (P1..P99)
+SKETCH_ERROR_PP = 0.3
+SKETCH_DELTA = 0.01
+SKETCH_LEVELS = 99
+
+
+def sketch_sample_size(num_neurons: int, error_pp: float = SKETCH_ERROR_PP, delta: float = SKETCH_DELTA,
+                       levels: int = SKETCH_LEVELS) -> int:
+    """Sampled positions ``m`` for which every grid quantile of every one of ``num_neurons`` neurons
+    is within ``error_pp`` percentile points of the corpus's own, with probability ``1 - delta``:
+    ``m = ceil(ln(2 N K / delta) / (2 eps^2))`` (Hoeffding and a union bound; module docstring)."""
+    if not 0 < error_pp < 100 or not 0 < delta < 1:
+        raise UserError(f"sketch error {error_pp} must be in (0, 100) percentile points and delta {delta} in (0, 1)")
+    eps = error_pp / 100.0
+    return int(math.ceil(math.log(2.0 * max(1, num_neurons) * levels / delta) / (2.0 * eps * eps)))
+
+
+def sketch_error_bound(num_neurons: int, sampled: int, total: int, delta: float = SKETCH_DELTA,
+                       levels: int = SKETCH_LEVELS) -> float:
+    """The ``eps`` (percentile points) that ``sampled`` of ``total`` positions guarantee; 0 when the
+    sketch saw every position."""
+    if sampled >= total or total == 0:
+        return 0.0
+    return 100.0 * math.sqrt(math.log(2.0 * max(1, num_neurons) * levels / delta) / (2.0 * max(1, sampled)))
+
+
+def sketch_rate(total_tokens: int, num_neurons: int, error_pp: float = SKETCH_ERROR_PP,
+                delta: float = SKETCH_DELTA) -> float:
+    """Rate ``min(1, m / n)`` at which a language of ``total_tokens`` positions is sketched."""
+    if total_tokens <= 0:
+        return 1.0
+    return min(1.0, sketch_sample_size(num_neurons, error_pp, delta) / total_tokens)
+
+
+def sample_positions(n: int, rate: float, seed: int, index: int) -> Optional[torch.Tensor]:
+    """Sorted positions (``ceil(rate n)`` of ``0..n-1``, without replacement) that batch ``index`` feeds
+    to the sketch, or ``None`` for all of them. Depends only on ``(seed, index)``, not on the rank."""
+    if rate >= 1.0:
+        return None
+    k = min(n, int(math.ceil(rate * n - 1e-9)))
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(n, generator=g)[:k].sort().values
 
 
 class LanguageStats:
     """Mergeable statistics of one language at one site (see the module docstring)."""
 
     def __init__(self, num_layers: int, width: int, sketch_bins: int = DEFAULT_SKETCH_BINS,
-                 sentences: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "quantile"):
+                 sentences: int = 0, device: torch.device | str = "cpu", sketch_kind: str = "quantile",
+                 sketch_rate: float = 1.0):
         L, I = num_layers, width
         self.num_layers, self.width = L, I
         self.sketch_bins = int(sketch_bins)
         if sketch_kind not in SKETCH_KINDS:
             raise UserError(f"unknown sketch kind {sketch_kind!r}; use one of {', '.join(SKETCH_KINDS)}")
         self.sketch_kind = sketch_kind
+        if not 0.0 < float(sketch_rate) <= 1.0:
+            raise UserError(f"sketch rate {sketch_rate} must be in (0, 1]")
+        self.sketch_rate = float(sketch_rate)
         self.device = torch.device(device)
         kw = dict(device=self.device)
         self.n_tokens = torch.zeros((), dtype=torch.int64, **kw)
@@ -85,6 +161,10 @@ class LanguageStats:
             self._shift = torch.empty(L, I, dtype=torch.float32, **kw)
         else:
             self.edges = self.hist = None
+        sampled = bool(B) and self.sketch_rate < 1.0
+        # the sampled sketch's own token and zero counts (module docstring); None: it saw every token
+        self.sketch_tokens = torch.zeros((), dtype=torch.int64, **kw) if sampled else None
+        self.sketch_zeros = torch.zeros(L, I, dtype=torch.int64, **kw) if sampled else None
         self.max_sentences = int(sentences)
         self.n_sentences = torch.zeros((), dtype=torch.int64, **kw)
         self.sentence_mean = (torch.zeros(self.max_sentences, L, I, dtype=torch.float32, **kw)
@@ -93,14 +173,32 @@ class LanguageStats:
         self._version = 0  # bumped by every change, so derived tables are rebuilt
 
     # ------------------------------------------------------------------ accumulation
-    def add_layer(self, layer: int, x: torch.Tensor) -> None:
+    def add_layer(self, layer: int, x: torch.Tensor, sketch_rows: Optional[torch.Tensor] = None) -> None:
         """Add the activations ``x`` (``[N, I]``, any float dtype) of ``N`` tokens of one layer.
 
-        The token count itself is added once per batch with :meth:`add_tokens`.
+        Counts and moments take every row; a sampled sketch (``sketch_rate < 1``) takes the rows
+        ``sketch_rows`` (the same in every layer of a batch; see :func:`sample_positions`).
+        The token counts are added once per batch with :meth:`add_tokens`.
         """
         x = x.float()
         for start in range(0, x.shape[0], _CHUNK):
             self._add_chunk(layer, x[start:start + _CHUNK])
+        if self.sketch_bins:
+            if self.sketch_tokens is not None:
+                xs = x if sketch_rows is None else x.index_select(0, sketch_rows.to(x.device))
+                self.sketch_zeros[layer] += (xs == 0).sum(0)
+            elif sketch_rows is not None:
+                raise ValueError("sketch rows given to statistics that sketch every token")
+            else:
+                xs = x
+            for start in range(0, xs.shape[0], _CHUNK):
+                self._add_sketch(layer, xs[start:start + _CHUNK])
+
+    def _add_sketch(self, layer: int, x: torch.Tensor) -> None:
+        if not self._calibrated[layer]:
+            self.set_edges(layer, calibration_edges(x[:CALIBRATION_TOKENS], self.sketch_bins, self.sketch_kind))
+        self.hist[layer].view(-1).add_(torch.bincount(self.bin_index(layer, x).view(-1),
+                                                      minlength=self.hist[layer].numel()))
 
     def _add_chunk(self, layer: int, x: torch.Tensor) -> None:
         # sign() in {-1, 0, 1}: column sums are exact in float32 (N < 2^24); pos - neg and pos give both.
@@ -113,11 +211,6 @@ class LanguageStats:
         self.sumsq[layer] += (x * x).sum(0).double()
         torch.minimum(self.vmin[layer], x.amin(0), out=self.vmin[layer])
         torch.maximum(self.vmax[layer], x.amax(0), out=self.vmax[layer])
-        if self.sketch_bins:
-            if not self._calibrated[layer]:
-                self.set_edges(layer, calibration_edges(x[:CALIBRATION_TOKENS], self.sketch_bins, self.sketch_kind))
-            self.hist[layer].view(-1).add_(torch.bincount(self.bin_index(layer, x).view(-1),
-                                                          minlength=self.hist[layer].numel()))
 
     def bin_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Flat histogram index (neuron * (B + 2) + bin) of every value of ``x [N, I]``.
@@ -144,8 +237,11 @@ class LanguageStats:
         self._scale[layer] = scale
         self._shift[layer] = 1.0 - lo * scale
 
-    def add_tokens(self, n: int) -> None:
+    def add_tokens(self, n: int, sketched: Optional[int] = None) -> None:
+        """Count ``n`` tokens of a batch, ``sketched`` of them in a sampled sketch (default all)."""
         self.n_tokens += int(n)
+        if self.sketch_tokens is not None:
+            self.sketch_tokens += int(n if sketched is None else sketched)
         self._version += 1
 
     def add_sentence_means(self, layer: int, means: torch.Tensor, first_index: int) -> None:
@@ -161,12 +257,15 @@ class LanguageStats:
 
     # ------------------------------------------------------------------ merging and state
     TENSORS = ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "vmin", "vmax", "edges", "hist",
-               "n_sentences", "sentence_mean")
+               "sketch_tokens", "sketch_zeros", "n_sentences", "sentence_mean")
 
     def merge(self, other: "LanguageStats") -> "LanguageStats":
         """Add another shard's statistics in place (sketch edges must be identical)."""
         if (other.num_layers, other.width, other.sketch_bins) != (self.num_layers, self.width, self.sketch_bins):
             raise UserError("cannot merge statistics of different shapes or sketch sizes; "
+                            "merge only shards of the same collect run")
+        if self.sketch_bins and other.sketch_rate != self.sketch_rate:
+            raise UserError(f"cannot merge sketches sampled at rates {self.sketch_rate} and {other.sketch_rate}; "
                             "merge only shards of the same collect run")
         if self.sketch_bins and not torch.equal(self.edges.nan_to_num(0), other.edges.to(self.device).nan_to_num(0)):
             raise UserError("cannot merge quantile sketches with different bin edges; "
@@ -181,6 +280,9 @@ class LanguageStats:
         torch.maximum(self.vmax, other.vmax.to(self.device), out=self.vmax)
         if self.sketch_bins:
             self.hist += other.hist.to(self.device)
+        if self.sketch_tokens is not None:
+            self.sketch_tokens += other.sketch_tokens.to(self.device)
+            self.sketch_zeros += other.sketch_zeros.to(self.device)
         self._version += 1
         if self.sentence_mean is not None and other.sentence_mean is not None:
             # sentence indices are global: shards fill disjoint rows
@@ -201,11 +303,12 @@ class LanguageStats:
         return out
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device="cpu", sketch_kind: str = "quantile") -> "LanguageStats":
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device="cpu", sketch_kind: str = "quantile",
+                        sketch_rate: float = 1.0) -> "LanguageStats":
         L, I = state["count_pos"].shape
         B = state["hist"].shape[-1] - 2 if "hist" in state else 0
         S = state["sentence_mean"].shape[0] if "sentence_mean" in state else 0
-        self = cls(L, I, sketch_bins=B, sentences=S, device=device, sketch_kind=sketch_kind)
+        self = cls(L, I, sketch_bins=B, sentences=S, device=device, sketch_kind=sketch_kind, sketch_rate=sketch_rate)
         for k in cls.TENSORS:
             if k in state:
                 v = state[k].to(self.device).clone()
@@ -218,7 +321,8 @@ class LanguageStats:
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_save_tensors(self.state_dict(), path, metadata={"format": STATS_FORMAT, "sketch_kind": self.sketch_kind})
+        atomic_save_tensors(self.state_dict(), path, metadata={"format": STATS_FORMAT, "sketch_kind": self.sketch_kind,
+                                                               "sketch_rate": repr(self.sketch_rate)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "LanguageStats":
@@ -240,7 +344,13 @@ class LanguageStats:
         kind = meta.get("sketch_kind", "quantile")
         if kind not in SKETCH_KINDS:
             raise UserError(f"statistics file {path} names an unknown sketch kind {kind!r}; collect it again")
-        return cls.from_state_dict(state, device=device, sketch_kind=kind)
+        try:
+            rate = float(meta.get("sketch_rate", "1.0"))
+        except ValueError:
+            rate = float("nan")
+        if not 0.0 < rate <= 1.0 or (rate < 1.0 and "hist" in state and "sketch_zeros" not in state):
+            raise UserError(f"statistics file {path} has a corrupt sampled sketch; collect it again")
+        return cls.from_state_dict(state, device=device, sketch_kind=kind, sketch_rate=rate)
 
     # ------------------------------------------------------------------ derived quantities
     def prob(self) -> torch.Tensor:
@@ -277,9 +387,19 @@ class LanguageStats:
             return self._tables
         e = self.edges.double()
         zeros = (self.n_tokens - self.count_pos - self.count_neg).double()
+        sample_zeros = zeros if self.sketch_zeros is None else self.sketch_zeros.double()
         # take the exact zeros out of the bin they were counted in: they are a point mass
         b0 = torch.searchsorted(e, torch.zeros_like(e[..., :1]), right=True)
-        counts = self.hist.double().scatter_add(-1, b0, -zeros.unsqueeze(-1))
+        counts = self.hist.double().scatter_add(-1, b0, -sample_zeros.unsqueeze(-1))
+        if self.sketch_zeros is not None:
+            # a sampled sketch: its non-zero mass stands for the exact non-zero mass of every token
+            nonzero = (self.count_pos + self.count_neg).double()
+            sampled = counts.sum(-1)
+            counts = counts * torch.where(sampled > 0, nonzero / sampled.clamp_min(1), torch.zeros_like(nonzero)).unsqueeze(-1)
+            # a neuron whose sample held only zeros: its rare non-zero tokens go to the outer bins
+            none = (sampled == 0).double()
+            counts[..., 0] += none * self.count_neg.double()
+            counts[..., -1] += none * self.count_pos.double()
         cum = counts.cumsum(-1)
         lo_all = torch.cat([torch.minimum(self.vmin.double(), e[..., 0]).unsqueeze(-1), e], -1)
         hi_all = torch.cat([e, torch.maximum(self.vmax.double(), e[..., -1]).unsqueeze(-1)], -1)

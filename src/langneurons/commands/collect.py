@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..corpus import parse_lang_args
-from ..stats import DEFAULT_SKETCH_BINS, SKETCH_KINDS
+from ..stats import DEFAULT_SKETCH_BINS, SKETCH_DELTA, SKETCH_ERROR_PP, SKETCH_KINDS
 
 HELP = "collect per-language activation statistics of a model (resumable, torchrun-aware)"
 
@@ -46,6 +46,13 @@ def register(sub) -> None:
                    help=f"quantile sketch bins per neuron, 0 = no sketch [{DEFAULT_SKETCH_BINS}]")
     p.add_argument("--sketch", default="quantile", choices=SKETCH_KINDS,
                    help="sketch bin edges: quantile (accurate, default) or uniform (faster on CPU)")
+    p.add_argument("--sketch-error", type=float, default=SKETCH_ERROR_PP, metavar="PP",
+                   help="the sketch sees a seeded sample of positions just large enough that every quantile "
+                        f"P1..P99 of every neuron is within PP percentile points of the corpus's own with "
+                        f"probability {1 - SKETCH_DELTA:g} (Hoeffding; small corpora are sketched in full; counts "
+                        f"and moments always see every token) [{SKETCH_ERROR_PP}]")
+    p.add_argument("--sketch-rate", type=float, default=None, metavar="R",
+                   help="sketch a fixed share R in (0, 1] of the positions instead (1: every position)")
     p.add_argument("--bos", default="window", choices=("window", "none"), help="BOS at the start of every window")
     p.add_argument("--separator", default="eos", choices=("eos", "none"), help="token between documents")
     p.add_argument("--cache-dir", type=Path, default=None, help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
@@ -67,7 +74,8 @@ def run(args) -> int:
         model=args.model, languages=parse_lang_args(args.lang), out=args.out, site=args.site, unit=args.unit,
         window=args.window, sentences=args.sentences, max_tokens=args.max_tokens, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, device_map=args.device_map, seed=args.seed,
-        sketch_bins=args.sketch_bins, sketch_kind=args.sketch, bos=args.bos, separator=args.separator,
+        sketch_bins=args.sketch_bins, sketch_kind=args.sketch,
+        sketch_rate=args.sketch_rate, sketch_error=args.sketch_error, bos=args.bos, separator=args.separator,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         checkpoint_every=args.checkpoint_every, arch=args.arch, text_field=args.text_field,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet)
