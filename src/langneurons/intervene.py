@@ -217,7 +217,7 @@ def statistic(stats, language: str, name: str, operator: str = "") -> torch.Tens
     elif name in ("min", "max"):
         v = (ls.vmin if name == "min" else ls.vmax).double()
     elif name in ("p_max", "p_median"):
-        if ls.sentence_mean is None or int(ls.n_sentences) == 0:
+        if ls.max_sentences == 0 or int(ls.n_sentences) == 0:
             raise UserError(f"{where} the statistic {name} (per-sentence mean activations), which "
                             f"{_stats_label(stats)} lacks for {language!r}; collect statistics with "
                             "'langneurons collect --unit sentence --sentences 100' and pass that directory")

@@ -87,6 +87,9 @@ _CHUNK = 1 << 20  # tokens per accumulation step: keeps float32 counts exact
 SKETCH_ERROR_PP = 0.3
 SKETCH_DELTA = 0.01
 SKETCH_LEVELS = 99
+#: sketch read-off tables up to this many bins in all are built once and kept; larger statistics
+#: (an 8B model and up) are read one layer at a time, so memory does not grow with depth
+TABLE_CACHE_ELEMENTS = 1 << 22
 
 
 def sketch_sample_size(num_neurons: int, error_pp: float = SKETCH_ERROR_PP, delta: float = SKETCH_DELTA,
@@ -326,21 +329,67 @@ class LanguageStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "LanguageStats":
+        """Every tensor of the file in memory, ready to accumulate more (a resumed collection)."""
+        shapes, kind, rate = cls._read_header(path)
         try:
             state = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"statistics file {path} is unreadable or corrupt ({e}); collect it again") from None
-        required = ("n_tokens", "count_pos", "sum", "sumsq")
-        missing = [k for k in required if k not in state]
+        return cls.from_state_dict(state, device=device, sketch_kind=kind, sketch_rate=rate)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "LanguageStats":
+        """Read-only statistics that load each tensor from the file when first used (on the CPU).
+
+        The read-offs (:meth:`cdf`, :meth:`quantile`) of large statistics read the sketch one layer
+        at a time through :meth:`part`, mapping the file for that read only, so memory stays bounded
+        by one layer however many languages are open. Use :meth:`load` to accumulate."""
+        shapes, kind, rate = cls._read_header(path)
+        self = cls.__new__(cls)
+        self.num_layers, self.width = shapes["count_pos"]
+        self.sketch_bins = shapes["hist"][-1] - 2 if "hist" in shapes else 0
+        self.sketch_kind, self.sketch_rate = kind, rate
+        self.device = torch.device("cpu")
+        self.max_sentences = shapes["sentence_mean"][0] if "sentence_mean" in shapes else 0
+        self._version = 0
+        self._path, self._keys = Path(path), set(shapes)
+        return self
+
+    def __getattr__(self, name: str):
+        # only reached for attributes not set: the tensors of statistics opened with open()
+        d = self.__dict__
+        if name in LanguageStats.TENSORS and d.get("_path") is not None:
+            if name not in d["_keys"]:
+                return None
+            with safe_open(str(d["_path"]), "pt") as f:
+                t = f.get_tensor(name)
+            d[name] = t
+            return t
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @staticmethod
+    def _read_header(path) -> tuple[dict, str, float]:
+        """Shapes of every tensor, sketch kind and rate, checked as far as the header tells."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"statistics file {path} is unreadable or corrupt ({e}); collect it again") from None
+        missing = [k for k in ("n_tokens", "count_pos", "sum", "sumsq") if k not in shapes]
         if missing:
             raise UserError(f"statistics file {path} lacks {', '.join(missing)}; collect it again")
-        L, I = state["count_pos"].shape
-        for k in ("sum", "sumsq"):
-            if tuple(state[k].shape) != (L, I):
-                raise UserError(f"statistics file {path} is corrupt ({k} has shape {tuple(state[k].shape)}); "
-                                "collect it again")
+        if len(shapes["count_pos"]) != 2:
+            raise UserError(f"statistics file {path} is corrupt (count_pos has shape {shapes['count_pos']}); "
+                            "collect it again")
+        L, I = shapes["count_pos"]
+        for k in ("sum", "sumsq", "count_neg", "vmin", "vmax", "sketch_zeros"):
+            if k in shapes and shapes[k] != (L, I):
+                raise UserError(f"statistics file {path} is corrupt ({k} has shape {shapes[k]}); collect it again")
+        if "hist" in shapes and (len(shapes["hist"]) != 3 or shapes["hist"][:2] != (L, I)
+                                 or shapes.get("edges") != (L, I, shapes["hist"][2] - 1)):
+            raise UserError(f"statistics file {path} has a corrupt sketch (hist {shapes['hist']}, edges "
+                            f"{shapes.get('edges')}); collect it again")
         kind = meta.get("sketch_kind", "quantile")
         if kind not in SKETCH_KINDS:
             raise UserError(f"statistics file {path} names an unknown sketch kind {kind!r}; collect it again")
@@ -348,9 +397,9 @@ class LanguageStats:
             rate = float(meta.get("sketch_rate", "1.0"))
         except ValueError:
             rate = float("nan")
-        if not 0.0 < rate <= 1.0 or (rate < 1.0 and "hist" in state and "sketch_zeros" not in state):
+        if not 0.0 < rate <= 1.0 or (rate < 1.0 and "hist" in shapes and "sketch_zeros" not in shapes):
             raise UserError(f"statistics file {path} has a corrupt sampled sketch; collect it again")
-        return cls.from_state_dict(state, device=device, sketch_kind=kind, sketch_rate=rate)
+        return shapes, kind, rate
 
     # ------------------------------------------------------------------ derived quantities
     def prob(self) -> torch.Tensor:
@@ -375,56 +424,49 @@ class LanguageStats:
             raise UserError("these statistics were collected without a quantile sketch; "
                             "collect again without --sketch-bins 0")
 
-    def _cdf_tables(self) -> tuple:
-        """Threshold-independent tables of :meth:`cdf`, built once per state of the statistics.
+    def part(self, name: str, index) -> Optional[torch.Tensor]:
+        """``getattr(self, name)[index]``, read from the file alone when the tensor is not loaded
+        (statistics opened with :meth:`open`); ``None`` for a tensor these statistics lack."""
+        if name in self.__dict__ or self.__dict__.get("_path") is None:
+            t = getattr(self, name)
+            return None if t is None else t[index]
+        if name not in self._keys:
+            return None
+        with safe_open(str(self._path), "pt") as f:   # mapped for this read only: no resident pages kept
+            return f.get_slice(name)[index]
 
-        Returns float64 ``edges [L, I, B+1]``, bin counts without the exact zeros ``[L, I, B+2]``,
-        their cumulative sums, the lower and upper bound of every bin ``[L, I, B+2]``, the zero
-        count and the total ``[L, I]``.
-        """
-        key = self._version
-        if getattr(self, "_tables_key", None) == key:
-            return self._tables
-        e = self.edges.double()
-        zeros = (self.n_tokens - self.count_pos - self.count_neg).double()
-        sample_zeros = zeros if self.sketch_zeros is None else self.sketch_zeros.double()
-        # take the exact zeros out of the bin they were counted in: they are a point mass
-        b0 = torch.searchsorted(e, torch.zeros_like(e[..., :1]), right=True)
-        counts = self.hist.double().scatter_add(-1, b0, -sample_zeros.unsqueeze(-1))
-        if self.sketch_zeros is not None:
-            # a sampled sketch: its non-zero mass stands for the exact non-zero mass of every token
-            nonzero = (self.count_pos + self.count_neg).double()
-            sampled = counts.sum(-1)
-            counts = counts * torch.where(sampled > 0, nonzero / sampled.clamp_min(1), torch.zeros_like(nonzero)).unsqueeze(-1)
-            # a neuron whose sample held only zeros: its rare non-zero tokens go to the outer bins
-            none = (sampled == 0).double()
-            counts[..., 0] += none * self.count_neg.double()
-            counts[..., -1] += none * self.count_pos.double()
-        cum = counts.cumsum(-1)
-        lo_all = torch.cat([torch.minimum(self.vmin.double(), e[..., 0]).unsqueeze(-1), e], -1)
-        hi_all = torch.cat([e, torch.maximum(self.vmax.double(), e[..., -1]).unsqueeze(-1)], -1)
-        self._tables = (e, counts, cum, lo_all, hi_all, zeros, cum[..., -1] + zeros)
-        self._tables_key = key
-        return self._tables
+    def _tables(self, layers: slice) -> "_SketchTables":
+        p = lambda name: self.part(name, layers)  # noqa: E731
+        return _SketchTables(p("edges"), p("hist"), p("count_pos"), p("count_neg"), self.n_tokens,
+                             p("sketch_zeros"), p("vmin"), p("vmax"))
+
+    def _table_blocks(self):
+        """(layers, tables) covering every layer: one block, built once per state of the statistics,
+        when all tables fit in TABLE_CACHE_ELEMENTS; else one layer at a time (memory of one layer)."""
+        L = self.num_layers
+        if L * self.width * (self.sketch_bins + 2) <= TABLE_CACHE_ELEMENTS:
+            if self.__dict__.get("_tables_key") != self._version:
+                self._tables_cache = self._tables(slice(0, L))
+                self._tables_key = self._version
+            yield slice(0, L), self._tables_cache
+        else:
+            for layer in range(L):
+                yield slice(layer, layer + 1), self._tables(slice(layer, layer + 1))
 
     def cdf(self, threshold: torch.Tensor) -> torch.Tensor:
         """Fraction of tokens with activation ``<= threshold`` (per-neuron ``[L, I]``), float64.
 
         Exact zeros are a point mass (``n - count_pos - count_neg`` tokens); every other token is
         spread uniformly inside its bin: bin 0 is ``[min(vmin, e_0), e_0)``, bin ``k`` is
-        ``[e_{k-1}, e_k)`` and bin ``B + 1`` is ``[e_B, max(vmax, e_B)]``.
+        ``[e_{k-1}, e_k)`` and bin ``B + 1`` is ``[e_B, max(vmax, e_B)]``. Large statistics are read
+        one layer at a time.
         """
         self._require_sketch()
-        e, counts, cum, lo_all, hi_all, zeros, total = self._cdf_tables()
         t = torch.as_tensor(threshold, device=self.device).double().expand(self.num_layers, self.width)
-        b = (e <= t.unsqueeze(-1)).sum(-1, keepdim=True)  # bin of t (searchsorted right; faster on CPU)
-        b_lo, b_hi = lo_all.gather(-1, b).squeeze(-1), hi_all.gather(-1, b).squeeze(-1)
-        width = b_hi - b_lo
-        frac = torch.where(width > 0, (t - b_lo) / width.clamp_min(1e-300), torch.ones_like(width)).clamp(0, 1)
-        inside = counts.gather(-1, b).squeeze(-1)
-        below = cum.gather(-1, b).squeeze(-1) - inside
-        out = below + frac * inside + torch.where(t >= 0, zeros, torch.zeros_like(zeros))
-        return torch.where(total > 0, out / total.clamp_min(1), torch.zeros_like(out))
+        out = torch.empty(self.num_layers, self.width, dtype=torch.float64, device=self.device)
+        for layers, tables in self._table_blocks():
+            out[layers] = tables.cdf(t[layers])
+        return out
 
     def quantile(self, q: float) -> torch.Tensor:
         """Global ``q``-quantile (``0 <= q <= 1``) of every neuron, float64 ``[L, I]``.
@@ -436,19 +478,10 @@ class LanguageStats:
         self._require_sketch()
         if not 0.0 <= q <= 1.0:
             raise UserError(f"quantile {q} is outside [0, 1]")
-        e, counts, cum, lo_all, hi_all, zeros, total = self._cdf_tables()
-        r = q * total
-        below_zero = self.cdf(torch.zeros(self.num_layers, self.width, dtype=torch.float64, device=self.device))
-        c0 = below_zero * total - zeros  # continuous mass at or below 0
-        target = torch.where(r <= c0, r, r - zeros).clamp_min(0)
-        k = (cum < target.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(counts.shape[-1] - 1)
-        inside = counts.gather(-1, k).squeeze(-1)
-        before = cum.gather(-1, k).squeeze(-1) - inside
-        frac = torch.where(inside > 0, (target - before) / inside.clamp_min(1e-300), torch.zeros_like(inside))
-        lo_k, hi_k = lo_all.gather(-1, k).squeeze(-1), hi_all.gather(-1, k).squeeze(-1)
-        t = lo_k + frac.clamp(0, 1) * (hi_k - lo_k)
-        t = torch.where((r > c0) & (r <= c0 + zeros), torch.zeros_like(t), t)
-        return torch.where(total > 0, t, torch.zeros_like(t))
+        out = torch.empty(self.num_layers, self.width, dtype=torch.float64, device=self.device)
+        for layers, tables in self._table_blocks():
+            out[layers] = tables.quantile(q)
+        return out
 
     def frac_above(self, threshold: torch.Tensor) -> torch.Tensor:
         """Fraction of tokens with activation ``> threshold`` (float64 ``[L, I]``)."""
@@ -458,12 +491,74 @@ class LanguageStats:
         """``p_max`` and ``p_median`` over the per-sentence means of the first ``S`` sentences.
 
         The median of an even number of sentences is the mean of the two middle values (numpy's).
+        Statistics opened with :meth:`open` read the values saved beside the means.
         """
+        if self.__dict__.get("_path") is not None and {"p_max", "p_median"} <= self._keys:
+            with safe_open(str(self._path), "pt") as f:
+                return f.get_tensor("p_max"), f.get_tensor("p_median")
         n = min(int(self.n_sentences), self.max_sentences)
         if self.sentence_mean is None or n == 0:
             raise UserError("these statistics hold no per-sentence means; collect with --unit sentence")
         m = self.sentence_mean[:n]
         return m.max(0).values, torch.quantile(m.double(), 0.5, dim=0).float()
+
+
+class _SketchTables:
+    """Threshold-independent read-off tables of the sketch of some neurons (leading dims ``[...]``):
+    float64 edges ``[..., B+1]``, cumulative bin counts without the exact zeros ``[..., B+2]``, the
+    outer bins' bounds, the zero count and the total ``[...]`` (two tables per neuron: an 80-layer,
+    28672-wide model's layer takes 60 MB)."""
+
+    def __init__(self, edges, hist, count_pos, count_neg, n_tokens, sketch_zeros, vmin, vmax):
+        e = edges.double().contiguous()
+        zeros = (n_tokens - count_pos - count_neg).double()
+        sample_zeros = zeros if sketch_zeros is None else sketch_zeros.double()
+        # take the exact zeros out of the bin they were counted in: they are a point mass
+        b0 = torch.searchsorted(e, torch.zeros_like(e[..., :1]), right=True)
+        counts = hist.double().scatter_add(-1, b0, -sample_zeros.unsqueeze(-1))
+        if sketch_zeros is not None:
+            # a sampled sketch: its non-zero mass stands for the exact non-zero mass of every token
+            nonzero = (count_pos + count_neg).double()
+            sampled = counts.sum(-1)
+            counts = counts * torch.where(sampled > 0, nonzero / sampled.clamp_min(1), torch.zeros_like(nonzero)).unsqueeze(-1)
+            # a neuron whose sample held only zeros: its rare non-zero tokens go to the outer bins
+            none = (sampled == 0).double()
+            counts[..., 0] += none * count_neg.double()
+            counts[..., -1] += none * count_pos.double()
+        self.e, self.cum, self.zeros = e, counts.cumsum_(-1), zeros
+        self.lo0 = torch.minimum(vmin.double(), e[..., 0])      # lower bound of bin 0
+        self.hi_last = torch.maximum(vmax.double(), e[..., -1])  # upper bound of bin B + 1
+        self.total = self.cum[..., -1] + zeros
+
+    def _bin(self, b: torch.Tensor) -> tuple:
+        """Lower bound, upper bound, count and count below of bins ``b [..., 1]``."""
+        B1 = self.e.shape[-1]   # B + 1
+        lo = torch.where(b == 0, self.lo0.unsqueeze(-1), self.e.gather(-1, (b - 1).clamp_min(0))).squeeze(-1)
+        hi = torch.where(b == B1, self.hi_last.unsqueeze(-1), self.e.gather(-1, b.clamp_max(B1 - 1))).squeeze(-1)
+        upto = self.cum.gather(-1, b).squeeze(-1)
+        below = torch.where(b.squeeze(-1) == 0, 0.0, self.cum.gather(-1, (b - 1).clamp_min(0)).squeeze(-1))
+        return lo, hi, upto - below, below
+
+    def cdf(self, t: torch.Tensor) -> torch.Tensor:
+        zeros, total = self.zeros, self.total
+        b = torch.searchsorted(self.e, t.double().unsqueeze(-1).contiguous(), right=True)   # bin of t
+        b_lo, b_hi, inside, below = self._bin(b)
+        width = b_hi - b_lo
+        frac = torch.where(width > 0, (t - b_lo) / width.clamp_min(1e-300), torch.ones_like(width)).clamp(0, 1)
+        out = below + frac * inside + torch.where(t >= 0, zeros, torch.zeros_like(zeros))
+        return torch.where(total > 0, out / total.clamp_min(1), torch.zeros_like(out))
+
+    def quantile(self, q: float) -> torch.Tensor:
+        zeros, total, cum = self.zeros, self.total, self.cum
+        r = q * total
+        c0 = self.cdf(torch.zeros_like(total)) * total - zeros  # continuous mass at or below 0
+        target = torch.where(r <= c0, r, r - zeros).clamp_min(0)
+        k = torch.searchsorted(cum, target.unsqueeze(-1).contiguous()).clamp_max(cum.shape[-1] - 1)  # first cum >= target
+        lo_k, hi_k, inside, before = self._bin(k)
+        frac = torch.where(inside > 0, (target - before) / inside.clamp_min(1e-300), torch.zeros_like(inside))
+        t = lo_k + frac.clamp(0, 1) * (hi_k - lo_k)
+        t = torch.where((r > c0) & (r <= c0 + zeros), torch.zeros_like(t), t)
+        return torch.where(total > 0, t, torch.zeros_like(t))
 
 
 def calibration_edges(x: torch.Tensor, bins: int, kind: str = "quantile") -> torch.Tensor:
@@ -507,17 +602,27 @@ def pooled_quantile(stats: Iterable[LanguageStats], q: float, iters: int = 48) -
 
 
 def _bisect_cdf(stats: list[LanguageStats], weights: torch.Tensor, q: float, iters: int) -> torch.Tensor:
-    lo = torch.stack([torch.minimum(s.vmin, torch.zeros_like(s.vmin)) for s in stats]).min(0).values.double()
-    hi = torch.stack([torch.maximum(s.vmax, torch.zeros_like(s.vmax)) for s in stats]).max(0).values.double()
-    lo = lo - 1e-12  # cdf(lo) < q for every q > 0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        F = sum(float(wk) * s.cdf(mid) for wk, s in zip(weights, stats))
-        below = F < q
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    # an interval that closes on 0 from both sides has found the point mass of exact zeros
-    return torch.where((lo < 0) & (hi >= 0), torch.zeros_like(hi), hi)
+    """Layer by layer (one layer's tables of every language in memory at a time, for large models)."""
+    for s in stats:
+        s._require_sketch()
+    L, I = stats[0].num_layers, stats[0].width
+    out = torch.empty(L, I, dtype=torch.float64)
+    blocks = [s._table_blocks() for s in stats]
+    for parts in zip(*blocks):
+        layers = parts[0][0]
+        tables = [t for _, t in parts]
+        lo = torch.stack([torch.minimum(s.part("vmin", layers), torch.zeros(())) for s in stats]).min(0).values.double()
+        hi = torch.stack([torch.maximum(s.part("vmax", layers), torch.zeros(())) for s in stats]).max(0).values.double()
+        lo = lo - 1e-12  # cdf(lo) < q for every q > 0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            F = sum(float(wk) * t.cdf(mid) for wk, t in zip(weights, tables))
+            below = F < q
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        # an interval that closes on 0 from both sides has found the point mass of exact zeros
+        out[layers] = torch.where((lo < 0) & (hi >= 0), torch.zeros_like(hi), hi).cpu()
+    return out
 
 
 def atomic_save_tensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
@@ -594,7 +699,7 @@ class ActivationStats:
             path = self.directory / f"{code}.safetensors"
             if not path.is_file():
                 raise UserError(f"{path} is missing; collect language {code!r} again")
-            ls = LanguageStats.load(path)
+            ls = LanguageStats.open(path)
             if (ls.num_layers, ls.width) != (self.num_layers, self.width):
                 raise UserError(f"{path} has shape {ls.num_layers}x{ls.width} but stats.json says "
                                 f"{self.num_layers}x{self.width}; collect again")

@@ -105,14 +105,16 @@ def run(stats, languages: list[str], args) -> NeuronSet:
         raise UserError(f"--threshold must be in [0, 1), got {args.threshold}; e.g. --threshold 0.9")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be a positive integer, got {args.top_k}")
-    means = [sentence_means(stats, c, args.sentences) for c in languages]
-    used = {c: int(m.shape[0]) for c, m in zip(languages, means)}
     L, I = stats.num_layers, stats.width
-    x = torch.cat(means).reshape(-1, L * I)                                         # [M, L*I]
-    if args.direction == "low":
-        x = -x
-    labels = torch.cat([torch.full((m.shape[0],), k, dtype=torch.long) for k, m in enumerate(means)])
-    ap = average_precision(x, labels, len(languages)).reshape(len(languages), L, I)
+    ap = torch.empty(len(languages), L, I, dtype=torch.float64)
+    for layer in range(L):                      # a layer at a time: memory of one layer's sentence means
+        means = [sentence_means(stats, c, args.sentences, layer=layer) for c in languages]
+        x = torch.cat(means)                                                        # [M, I]
+        if args.direction == "low":
+            x = -x
+        labels = torch.cat([torch.full((m.shape[0],), k, dtype=torch.long) for k, m in enumerate(means)])
+        ap[:, layer] = average_precision(x, labels, len(languages))
+    used = {c: int(m.shape[0]) for c, m in zip(languages, means)}
     masks, info = ap_masks(ap, threshold, args.top_k)
     params = {
         "threshold": threshold, "top_k": args.top_k, "direction": args.direction, "sentences": args.sentences,

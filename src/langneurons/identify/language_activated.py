@@ -26,8 +26,9 @@ def add_arguments(parser) -> None:
                         help="use the first N stored sentences of each language [all stored]")
 
 
-def sentence_means(stats, code: str, limit=None) -> torch.Tensor:
-    """The stored per-sentence means ``[S, L, I]`` of ``code`` (first ``limit`` if given)."""
+def sentence_means(stats, code: str, limit=None, layer=None) -> torch.Tensor:
+    """The stored per-sentence means ``[S, L, I]`` of ``code`` (first ``limit`` if given), or of one
+    ``layer`` only (``[S, I]``, read from the file alone: large models are read a layer at a time)."""
     ls = stats.get(code)
     n = min(int(ls.n_sentences), ls.max_sentences) if ls.sentence_mean is not None else 0
     if n == 0:
@@ -39,6 +40,8 @@ def sentence_means(stats, code: str, limit=None) -> torch.Tensor:
             raise UserError(f"--sentences {limit} but only {n} sentence means of {code!r} are stored; "
                             f"use --sentences {n} or collect more with --sentences")
         n = limit
+    if layer is not None:
+        return ls.part("sentence_mean", (slice(0, n), slice(layer, layer + 1)))[:, 0].float().cpu()
     return ls.sentence_mean[:n].float().cpu()
 
 
@@ -52,9 +55,9 @@ def activated_mask(means: torch.Tensor) -> torch.Tensor:
 def run(stats, languages: list[str], args) -> NeuronSet:
     masks, used = {}, {}
     for c in languages:
-        m = sentence_means(stats, c, args.sentences)
-        masks[c] = activated_mask(m)
-        used[c] = int(m.shape[0])
+        per_layer = [sentence_means(stats, c, args.sentences, layer=l) for l in range(stats.num_layers)]
+        masks[c] = torch.stack([activated_mask(m.unsqueeze(1))[0] for m in per_layer])
+        used[c] = int(per_layer[0].shape[0])
     params = {"sentences": args.sentences, "sentences_used": used,
               "per_language": {c: int(m.sum()) for c, m in masks.items()},
               "rule": "sentence mean > 0 on every used sentence",
