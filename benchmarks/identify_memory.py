@@ -4,8 +4,8 @@ Statistics files of the exact shape of Llama-3.1-8B (32 layers x 14336) and Llam
 (80 x 28672) are synthesised for 20 languages (random values of the right dtypes and structure:
 counts of 10^8 tokens, a 128-bin sampled sketch with sorted edges, 16 per-sentence means per
 language so that the sentence methods run too; a real 70B collection is not possible on a CPU), each
-language its own file as collect writes it. Then, one subprocess each, with its peak RSS
-(``os.wait4``) and wall time:
+language its own file as collect writes it. Then, one subprocess each, with its own peak RSS
+(``VmHWM``, benchmarks/peak_rss.py) and wall time:
 
 - ``langneurons identify METHOD`` for every method (``random`` draws a set matched to LAPE's);
 - ppl value loading: the per-neuron values of ``set:mean`` and ``set:p10`` for every language and
@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peak_rss  # noqa: E402
 
 SHAPES = {"8b": ("Llama-3.1-8B", 32, 14336), "70b": ("Llama-3.1-70B", 80, 28672)}
 BINS, SENTENCES, TOKENS = 128, 16, 10**8
@@ -84,18 +87,14 @@ def synthesise(directory: Path, name: str, L: int, I: int, languages: list[str],
 
 
 def measure(args: list[str], label: str) -> dict:
-    """Run ``python args...`` and return its wall time and peak RSS (GiB)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    wall = time.perf_counter() - t
-    rc = os.waitstatus_to_exitcode(status)
-    res = {"step": label, "seconds": round(wall, 1), "peak_gib": round(usage.ru_maxrss / 2**20, 3), "rc": rc}
-    if rc != 0:
-        res["error"] = (err or out).strip().splitlines()[-1:] if (err or out).strip() else []
-    print(f"  {label:28s} {wall:8.1f} s {res['peak_gib']:8.2f} GiB" + ("" if rc == 0 else f"  FAILED: {res['error']}"),
-          flush=True)
+    """Run ``python args...``: wall time and its own peak RSS (GiB; benchmarks/peak_rss.py)."""
+    r = peak_rss.run(args)
+    res = {"step": label, "seconds": round(r["seconds"], 1), "peak_gib": round(r["peak_rss_bytes"] / 2**30, 3),
+           "rc": r["rc"]}
+    if r["rc"] != 0:
+        res["error"] = r.get("error", "")
+    print(f"  {label:28s} {res['seconds']:8.1f} s {res['peak_gib']:8.2f} GiB"
+          + ("" if r["rc"] == 0 else f"  FAILED: {res['error']}"), flush=True)
     return res
 
 
@@ -116,7 +115,10 @@ for code in stats.languages:
 """
 
 
-def run_shape(key: str, n_langs: int, work: Path, keep: bool) -> list[dict]:
+STEPS = ("lape", "act-prob-percentile", "top-prob", "language-activated", "ap", "random", "values", "report")
+
+
+def run_shape(key: str, n_langs: int, work: Path, keep: bool, steps=STEPS) -> list[dict]:
     name, L, I = SHAPES[key]
     root = work / f"identify-memory-{key}"
     if root.exists():
@@ -129,14 +131,19 @@ def run_shape(key: str, n_langs: int, work: Path, keep: bool) -> list[dict]:
           f"({sum(f.stat().st_size for f in stats_dir.iterdir()) / 2**30:.1f} GiB on disk)", flush=True)
     cli = ["-m", "langneurons"]
     res = []
-    for method, extra in (("lape", []), ("act-prob-percentile", []), ("top-prob", []),
-                          ("language-activated", []), ("ap", [])):
-        res.append(measure([*cli, "identify", method, "--stats", str(stats_dir), "--out",
-                            str(root / f"{method}.json"), *extra], f"identify {method}"))
-    res.append(measure([*cli, "identify", "random", "--of", str(root / "lape.json"), "--out",
-                        str(root / "random.json")], "identify random"))
-    res.append(measure(["-c", VALUES, str(stats_dir), str(root / "lape.json")], "ppl values (mean, p10)"))
-    res.append(measure([*cli, "report", str(root), "--out", str(root / "report.html")], "report"))
+    lape = ["lape"] if {"random", "values"} & set(steps) and "lape" not in steps else []
+    for method in lape + [m for m in steps if m not in ("random", "values", "report")]:
+        r = measure([*cli, "identify", method, "--stats", str(stats_dir), "--out", str(root / f"{method}.json")],
+                    f"identify {method}")
+        if method in steps:
+            res.append(r)
+    if "random" in steps:
+        res.append(measure([*cli, "identify", "random", "--of", str(root / "lape.json"), "--out",
+                            str(root / "random.json")], "identify random"))
+    if "values" in steps:
+        res.append(measure(["-c", VALUES, str(stats_dir), str(root / "lape.json")], "ppl values (mean, p10)"))
+    if "report" in steps:
+        res.append(measure([*cli, "report", str(root), "--out", str(root / "report.html")], "report"))
     for r in res:
         r["shape"] = key
     if not keep:
@@ -149,16 +156,19 @@ def main() -> None:
     ap.add_argument("--shapes", default="8b,70b", help="comma-separated among 8b, 70b [8b,70b]")
     ap.add_argument("--languages", type=int, default=20, help=f"languages, at most {len(LANGS)} [20]")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated among {', '.join(STEPS)} [all]")
     ap.add_argument("--keep", action="store_true", help="keep the synthesised statistics")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     bad = [s for s in shapes if s not in SHAPES]
-    if bad or not 2 <= args.languages <= len(LANGS):
-        raise SystemExit(f"--shapes among {', '.join(SHAPES)}; --languages in 2..{len(LANGS)}")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if bad or not 2 <= args.languages <= len(LANGS) or not steps or set(steps) - set(STEPS):
+        raise SystemExit(f"--shapes among {', '.join(SHAPES)}; --languages in 2..{len(LANGS)}; "
+                         f"--steps among {', '.join(STEPS)}")
     results = []
     for s in shapes:
-        results += run_shape(s, args.languages, args.workdir, args.keep)
+        results += run_shape(s, args.languages, args.workdir, args.keep, steps)
     worst = max(r["peak_gib"] for r in results)
     failed = [r for r in results if r["rc"] != 0]
     print(f"\nworst peak RSS {worst:.2f} GiB (target < 4 GiB); {len(failed)} step(s) failed", flush=True)

@@ -30,7 +30,7 @@ def sentence_means(stats, code: str, limit=None, layer=None) -> torch.Tensor:
     """The stored per-sentence means ``[S, L, I]`` of ``code`` (first ``limit`` if given), or of one
     ``layer`` only (``[S, I]``, read from the file alone: large models are read a layer at a time)."""
     ls = stats.get(code)
-    n = min(int(ls.n_sentences), ls.max_sentences) if ls.sentence_mean is not None else 0
+    n = min(int(ls.n_sentences), ls.max_sentences)     # max_sentences is 0 without sentence means
     if n == 0:
         raise UserError(f"the statistics hold no per-sentence means for {code!r}; collect with --unit sentence")
     if limit is not None:
