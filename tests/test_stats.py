@@ -297,3 +297,49 @@ def test_sampled_sketch_reads_exact_zeros_from_the_counts():
     assert torch.allclose(at_zero, exact_zero, atol=1e-9)
     assert int((ls.sketch_zeros[0] == int(ls.sketch_tokens)).sum()) >= 1   # a neuron sampled only at 0
     assert torch.allclose(ls.frac_above(torch.zeros(1, 8))[0], (x > 0).double().mean(0), atol=1e-9)
+
+
+def test_opened_statistics_read_lazily_and_layer_by_layer_equal_loaded(tmp_path, monkeypatch):
+    """ActivationStats opens each language lazily; the layer-at-a-time read-off used for large
+    statistics gives what the one-block read-off gives."""
+    import langneurons.stats as st
+    from langneurons.stats import calibration_edges, sample_positions
+    L, I = 3, 24
+    for sampled in (False, True):
+        rate = 0.4 if sampled else 1.0
+        ls = LanguageStats(L, I, sketch_bins=32, sentences=4, sketch_rate=rate)
+        for b in range(4):
+            pick = sample_positions(500, rate, 0, b)
+            for layer in range(L):
+                x = _synthetic("silu", 500, I, seed=10 * b + layer)
+                if b == 0:
+                    ls.set_edges(layer, calibration_edges(x, 32))
+                ls.add_layer(layer, x, sketch_rows=pick)
+                ls.add_sentence_means(layer, x[:1], b)
+            ls.add_tokens(500, None if pick is None else len(pick))
+            ls.add_sentences(1)
+        d = tmp_path / f"s{int(sampled)}"
+        d.mkdir()
+        ls.save(d / "en.safetensors")
+        (d / "stats.json").write_text(json.dumps({
+            "format": "langneurons.stats.v1", "languages": {"en": {"n_tokens": 2000}},
+            "model": {"name_or_path": "x", "model_type": "llama", "num_layers": L, "width": I, "site": "act"}}))
+        opened = ActivationStats.load(d).get("en")
+        assert "hist" not in opened.__dict__ and "sentence_mean" not in opened.__dict__
+        assert torch.equal(opened.part("hist", slice(1, 2)), ls.hist[1:2].to(torch.int32))
+        t = torch.full((L, I), 0.3)
+        for q in (0.1, 0.5, 0.9):
+            assert torch.equal(opened.quantile(q), ls.quantile(q))
+        assert torch.equal(opened.cdf(t), ls.cdf(t))
+        assert "hist" not in opened.__dict__          # the read-off read slices, not the whole sketch
+        pm, pmed = opened.sentence_patch_values()
+        assert torch.equal(pm, ls.sentence_patch_values()[0]) and torch.equal(pmed, ls.sentence_patch_values()[1])
+        assert opened.max_sentences == 4 and "sentence_mean" not in opened.__dict__
+        monkeypatch.setattr(st, "TABLE_CACHE_ELEMENTS", 1)   # large-model path: one layer at a time
+        per_layer = ActivationStats.load(d).get("en")
+        for q in (0.1, 0.5, 0.9):
+            assert torch.allclose(per_layer.quantile(q), ls.quantile(q), rtol=0, atol=1e-12)
+        assert torch.allclose(per_layer.cdf(t), ls.cdf(t), rtol=0, atol=1e-12)
+        assert torch.allclose(st.pooled_quantile([per_layer, ls], 0.5), st.pooled_quantile([ls, ls], 0.5),
+                              rtol=0, atol=1e-9)
+        monkeypatch.undo()
