@@ -343,3 +343,19 @@ def test_opened_statistics_read_lazily_and_layer_by_layer_equal_loaded(tmp_path,
         assert torch.allclose(st.pooled_quantile([per_layer, ls], 0.5), st.pooled_quantile([ls, ls], 0.5),
                               rtol=0, atol=1e-9)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_accumulation_reads_activations_in_their_own_dtype(dtype):
+    """The GPU path (run here on the CPU) reads bf16/fp16 without a float32 copy: the same counts and
+    extremes as the float32 path on the same values, moments to float32 accumulation."""
+    x = _synthetic("gelu", 3000, 16, 5).to(dtype)
+    x[::7, 3] = 0
+    a, b = LanguageStats(1, 16, sketch_bins=0), LanguageStats(1, 16, sketch_bins=0)
+    a._add_chunk_direct(0, x)
+    b.add_layer(0, x.float())
+    for k in ("count_pos", "count_neg", "vmin", "vmax"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    exact = x.double()
+    assert torch.allclose(a.sum[0], exact.sum(0), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(a.sumsq[0], (exact ** 2).sum(0), rtol=1e-4)

@@ -183,17 +183,18 @@ class LanguageStats:
         ``sketch_rows`` (the same in every layer of a batch; see :func:`sample_positions`).
         The token counts are added once per batch with :meth:`add_tokens`.
         """
-        x = x.float()
+        if x.device.type == "cpu" or not x.is_floating_point():
+            x = x.float()
         for start in range(0, x.shape[0], _CHUNK):
             self._add_chunk(layer, x[start:start + _CHUNK])
         if self.sketch_bins:
             if self.sketch_tokens is not None:
-                xs = x if sketch_rows is None else x.index_select(0, sketch_rows.to(x.device))
+                xs = (x if sketch_rows is None else x.index_select(0, sketch_rows.to(x.device))).float()
                 self.sketch_zeros[layer] += (xs == 0).sum(0)
             elif sketch_rows is not None:
                 raise ValueError("sketch rows given to statistics that sketch every token")
             else:
-                xs = x
+                xs = x.float()
             for start in range(0, xs.shape[0], _CHUNK):
                 self._add_sketch(layer, xs[start:start + _CHUNK])
 
@@ -204,7 +205,11 @@ class LanguageStats:
                                                       minlength=self.hist[layer].numel()))
 
     def _add_chunk(self, layer: int, x: torch.Tensor) -> None:
-        # sign() in {-1, 0, 1}: column sums are exact in float32 (N < 2^24); pos - neg and pos give both.
+        if x.device.type != "cpu":
+            self._add_chunk_direct(layer, x)
+            return
+        # float32 on a CPU (measured fastest there): sign() in {-1, 0, 1}; column sums are exact in
+        # float32 (N < 2^24); pos - neg and pos give both counts.
         sign = x.sign()
         balance = sign.sum(0)
         pos = sign.clamp_min_(0).sum(0)
@@ -214,6 +219,20 @@ class LanguageStats:
         self.sumsq[layer] += (x * x).sum(0).double()
         torch.minimum(self.vmin[layer], x.amin(0), out=self.vmin[layer])
         torch.maximum(self.vmax[layer], x.amax(0), out=self.vmax[layer])
+
+    def _add_chunk_direct(self, layer: int, x: torch.Tensor) -> None:
+        """On a GPU: read ``x`` in its own dtype (bfloat16 from a bf16 model) and accumulate in float32
+        (float64 for float64): no float32 copy and about a quarter of the memory traffic of the
+        sign path. GPU reductions are tree-shaped; on a CPU a column's sum of squares would be
+        accumulated row by row (less exact), so CPUs keep the float32 path."""
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.count_pos[layer] += (x > 0).sum(0)
+        self.count_neg[layer] += (x < 0).sum(0)
+        self.sum[layer] += x.sum(0, dtype=acc).double()
+        self.sumsq[layer] += torch.linalg.vector_norm(x, dim=0, dtype=acc).double().square()
+        lo, hi = torch.aminmax(x, dim=0)
+        torch.minimum(self.vmin[layer], lo.float(), out=self.vmin[layer])
+        torch.maximum(self.vmax[layer], hi.float(), out=self.vmax[layer])
 
     def bin_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Flat histogram index (neuron * (B + 2) + bin) of every value of ``x [N, I]``.
