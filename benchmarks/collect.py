@@ -168,6 +168,7 @@ def sampled_sketch_accuracy(model, n_tokens: int, neurons: int = 256, seed: int 
     full = Adapter(model)
     n_full = full.num_layers * full.width
     small = copy.copy(model.model)                        # shares the weights
+    small._modules = dict(small._modules)                 # but not the module table: model keeps its layers
     small.layers = torch.nn.ModuleList(list(model.model.layers)[:2])
     small.config = copy.copy(model.config)
     small.config.num_hidden_layers = 2

@@ -154,7 +154,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(demo_model, tmp_path
     _run_in_process(_collect_args(demo_model, run, "--sketch-rate", "0.3", langs=langs))
     for c in langs:
         a, b = _tensors(ref, c), _tensors(run, c)
-        assert int(a["sketch_tokens"]) == 16 * 39   # ceil(0.3 x 128) positions of each of 16 batches
+        assert abs(int(a["sketch_tokens"]) - 0.3 * 2048) < 5 * (0.21 * 2048) ** 0.5   # Bernoulli(0.3) positions
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (c, k)

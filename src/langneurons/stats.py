@@ -24,22 +24,30 @@
   (``sentence_mean``, ``[S, L, I]``), from which ``p_max`` and ``p_median`` are derived.
 
 **The sampled sketch and its accuracy guarantee.** Counts, moments and extremes are exact over every
-token. The sketch may instead see a seeded sample of token positions: with rate ``r < 1`` each batch
-contributes ``ceil(r n_b)`` of its ``n_b`` real positions, drawn without replacement by a generator
-seeded with ``(seed, batch index)``, the same positions in every layer (so the sample does not depend
-on how batches are split over ranks or resumes). The sketch then also keeps ``sketch_tokens`` and the
-sample's exact zeros ``sketch_zeros``; the exact zero mass comes from the counts over all tokens, and
-the sample's non-zero histogram is rescaled to the exact non-zero mass.
+token. The sketch may instead see a seeded sample of token positions: with rate ``r < 1`` every real
+position is kept independently with probability ``r`` (a Bernoulli draw from a generator seeded
+with ``(seed, batch index)``, so the sample does not depend on how batches are split over ranks or
+resumes), the same positions in every layer. Every position of the corpus has the same chance, so,
+given its size ``m``, the sample is a uniform sample without replacement. The sketch also keeps
+``sketch_tokens`` (``m``) and the sample's exact zeros ``sketch_zeros``; the exact zero mass ``z`` of
+a neuron comes from the counts over all tokens, and the sample's non-zero histogram is rescaled to
+the exact non-zero mass ``1 - z``.
 
-For ``m`` sampled positions and any fixed threshold ``t``, Hoeffding's inequality bounds the
-deviation of the sample's CDF from the corpus's, ``P(|F_m(t) - F(t)| >= eps) <= 2 exp(-2 m eps^2)``;
-it holds for sampling without replacement (Hoeffding 1963, section 6) and so for a sample drawn
-without replacement batch by batch. Applied at ``F^-1(p - eps)`` and ``F^-1(p + eps)`` for each of
-``K`` quantile levels ``p`` on the grid P1..P99 and each of the ``N = L I`` neurons, a union bound
-gives: with probability at least ``1 - delta``, every grid quantile of every neuron read from the
-sample lies within ``eps`` of the corpus's own (in percentile points), when
+For a uniform sample of ``m`` of a corpus's values and any fixed threshold ``t``, Hoeffding's
+inequality holds one tail at a time, ``P(F_m(t) - F(t) >= eps) <= exp(-2 m eps^2)`` and likewise
+below; it holds for sampling without replacement (Hoeffding 1963, section 6). The quantile at level
+``p`` read from the sample lies within ``eps`` of ``p`` unless the upper tail fails at
+``F^-1(p - eps)`` or the lower tail at ``F^-1(p + eps)``; a union bound over those two events, the
+``K`` levels of the grid P1..P99 and the ``N = L I`` neurons gives: with probability at least
+``1 - delta``, every grid quantile of every neuron is within ``eps`` percentile points of the
+corpus's own, when
 
     m >= ln(2 N K / delta) / (2 eps^2)            (:func:`sketch_sample_size`)
+
+Per neuron the read-off mixes the exact zero mass with the ``m'`` sampled non-zero values, a uniform
+sample of the non-zero values given ``m'``; its error is ``(1 - z)`` times theirs, at most
+``(1 - z) sqrt(ln(2 N K / delta) / (2 m'))``, which is ``sqrt(1 - z) eps`` at ``m' = (1 - z) m``:
+the exact zeros only help.
 
 The default (``eps`` = 0.3 percentile points, ``delta`` = 0.01, ``K`` = 99) asks for about 1.1 M
 positions for 10^4 neurons and 1.4 M for the 2.3 M neurons of a 70B model; collect picks
@@ -48,8 +56,6 @@ records the rate, ``m`` and the achieved ``eps`` in stats.json. The histogram re
 error, at most the mass of one bin and in practice far less (linear interpolation inside bins of
 about ``1/B`` of the mass: ``benchmarks/collect.py`` measures both parts on model activations, and
 ``tests/test_stats.py`` checks the sum on synthetic SiLU, GELU, ReLU and heavy-tailed activations).
-- in sentence mode, the mean activation of each of the first ``S`` sentences
-  (``sentence_mean``, ``[S, L, I]``), from which ``p_max`` and ``p_median`` are derived.
 
 Everything except the sketch edges is additive; :meth:`LanguageStats.merge` adds another shard,
 and a shard with other edges or another sampling rate is refused (collect calibrates every shard of
@@ -87,9 +93,10 @@ _CHUNK = 1 << 20  # tokens per accumulation step: keeps float32 counts exact
 SKETCH_ERROR_PP = 0.3
 SKETCH_DELTA = 0.01
 SKETCH_LEVELS = 99
-#: sketch read-off tables up to this many bins in all are built once and kept; larger statistics
-#: (an 8B model and up) are read one layer at a time, so memory does not grow with depth
-TABLE_CACHE_ELEMENTS = 1 << 22
+#: sketch read-off tables up to this many bins in all (about 130k neurons at 128 bins; 256 MiB of
+#: tables) are built once and kept; larger statistics are read one layer at a time, so memory does
+#: not grow with depth
+TABLE_CACHE_ELEMENTS = 1 << 24
 
 
 def sketch_sample_size(num_neurons: int, error_pp: float = SKETCH_ERROR_PP, delta: float = SKETCH_DELTA,
@@ -121,14 +128,14 @@ def sketch_rate(total_tokens: int, num_neurons: int, error_pp: float = SKETCH_ER
 
 
 def sample_positions(n: int, rate: float, seed: int, index: int) -> Optional[torch.Tensor]:
-    """Sorted positions (``ceil(rate n)`` of ``0..n-1``, without replacement) that batch ``index`` feeds
-    to the sketch, or ``None`` for all of them. Depends only on ``(seed, index)``, not on the rank."""
+    """Sorted positions of ``0..n-1`` that batch ``index`` feeds to the sketch, each kept independently
+    with probability ``rate`` (``None``: all of them). Depends only on ``(seed, index)``, not on the
+    rank; equal inclusion probabilities keep the sample unbiased whatever the batch sizes."""
     if rate >= 1.0:
         return None
-    k = min(n, int(math.ceil(rate * n - 1e-9)))
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
     g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randperm(n, generator=g)[:k].sort().values
+    return (torch.rand(n, generator=g) < rate).nonzero().squeeze(1)
 
 
 class LanguageStats:
@@ -183,6 +190,7 @@ class LanguageStats:
         ``sketch_rows`` (the same in every layer of a batch; see :func:`sample_positions`).
         The token counts are added once per batch with :meth:`add_tokens`.
         """
+        self._require_writable()
         if x.device.type == "cpu" or not x.is_floating_point():
             x = x.float()
         for start in range(0, x.shape[0], _CHUNK):
@@ -281,8 +289,13 @@ class LanguageStats:
     TENSORS = ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "vmin", "vmax", "edges", "hist",
                "sketch_tokens", "sketch_zeros", "n_sentences", "sentence_mean")
 
+    def _require_writable(self) -> None:
+        if self.__dict__.get("_path") is not None:
+            raise UserError(f"statistics opened from {self._path} are read-only; use LanguageStats.load to add to them")
+
     def merge(self, other: "LanguageStats") -> "LanguageStats":
         """Add another shard's statistics in place (sketch edges must be identical)."""
+        self._require_writable()
         if (other.num_layers, other.width, other.sketch_bins) != (self.num_layers, self.width, self.sketch_bins):
             raise UserError("cannot merge statistics of different shapes or sketch sizes; "
                             "merge only shards of the same collect run")
@@ -330,6 +343,9 @@ class LanguageStats:
         L, I = state["count_pos"].shape
         B = state["hist"].shape[-1] - 2 if "hist" in state else 0
         S = state["sentence_mean"].shape[0] if "sentence_mean" in state else 0
+        if bool(B) and ("sketch_zeros" in state) != (sketch_rate < 1.0):
+            raise UserError(f"a sampled sketch needs its rate and sketch_tokens/sketch_zeros together (rate "
+                            f"{sketch_rate}); load statistics with LanguageStats.load or collect them again")
         self = cls(L, I, sketch_bins=B, sentences=S, device=device, sketch_kind=sketch_kind, sketch_rate=sketch_rate)
         for k in cls.TENSORS:
             if k in state:
@@ -416,7 +432,7 @@ class LanguageStats:
             rate = float(meta.get("sketch_rate", "1.0"))
         except ValueError:
             rate = float("nan")
-        if not 0.0 < rate <= 1.0 or (rate < 1.0 and "hist" in shapes and "sketch_zeros" not in shapes):
+        if not 0.0 < rate <= 1.0 or ("hist" in shapes and (rate < 1.0) != ("sketch_zeros" in shapes)):
             raise UserError(f"statistics file {path} has a corrupt sampled sketch; collect it again")
         return shapes, kind, rate
 
@@ -626,10 +642,11 @@ def _bisect_cdf(stats: list[LanguageStats], weights: torch.Tensor, q: float, ite
         s._require_sketch()
     L, I = stats[0].num_layers, stats[0].width
     out = torch.empty(L, I, dtype=torch.float64)
-    blocks = [s._table_blocks() for s in stats]
-    for parts in zip(*blocks):
-        layers = parts[0][0]
-        tables = [t for _, t in parts]
+    if all(L * I * (s.sketch_bins + 2) <= TABLE_CACHE_ELEMENTS for s in stats):
+        blocks = [(slice(0, L), [next(s._table_blocks())[1] for s in stats])]      # cached, one block
+    else:                                                                       # a layer at a time
+        blocks = ((slice(l, l + 1), [s._tables(slice(l, l + 1)) for s in stats]) for l in range(L))
+    for layers, tables in blocks:
         lo = torch.stack([torch.minimum(s.part("vmin", layers), torch.zeros(())) for s in stats]).min(0).values.double()
         hi = torch.stack([torch.maximum(s.part("vmax", layers), torch.zeros(())) for s in stats]).max(0).values.double()
         lo = lo - 1e-12  # cdf(lo) < q for every q > 0

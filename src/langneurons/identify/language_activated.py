@@ -55,9 +55,12 @@ def activated_mask(means: torch.Tensor) -> torch.Tensor:
 def run(stats, languages: list[str], args) -> NeuronSet:
     masks, used = {}, {}
     for c in languages:
-        per_layer = [sentence_means(stats, c, args.sentences, layer=l) for l in range(stats.num_layers)]
-        masks[c] = torch.stack([activated_mask(m.unsqueeze(1))[0] for m in per_layer])
-        used[c] = int(per_layer[0].shape[0])
+        rows = []
+        for layer in range(stats.num_layers):          # a layer at a time: memory of one layer's means
+            m = sentence_means(stats, c, args.sentences, layer=layer)
+            rows.append(activated_mask(m.unsqueeze(1))[0])
+            used[c] = int(m.shape[0])
+        masks[c] = torch.stack(rows)
     params = {"sentences": args.sentences, "sentences_used": used,
               "per_language": {c: int(m.sum()) for c, m in masks.items()},
               "rule": "sentence mean > 0 on every used sentence",
