@@ -147,17 +147,25 @@ def sketch_accuracy(model, adapter, data, kind: str = "quantile"):
         for ids in data:
             with observe(adapter, "act", fn):
                 c.run_batch(Batch(ids, None))
+    return worst_errors(ls, acts), len(data) * 8 * 256
+
+
+def worst_errors(ls: LanguageStats, acts: list, cols=None) -> dict:
+    """Worst neuron's distance (percentile points) from P10/P50/P90 to the percentile-rank interval of
+    the sketch's quantile in the exact activations ``acts[layer]`` (columns ``cols`` of the sketch)."""
     worst = {}
     for p in (0.1, 0.5, 0.9):
         q = ls.quantile(p).float()
+        if cols is not None:
+            q = q[:, cols]
         errs = []
-        for l in range(L):
-            X = torch.cat(acts[l])
+        for l, chunks in enumerate(acts):
+            X = torch.cat(chunks)
             lo = (X < q[l]).double().mean(0)
             hi = (X <= q[l]).double().mean(0)
             errs.append(((lo - p).clamp_min(0) + (p - hi).clamp_min(0)).max() * 100)
         worst[p] = float(torch.stack(errs).max())
-    return worst, len(data) * 8 * 256
+    return worst
 
 
 def sampled_sketch_accuracy(model, n_tokens: int, neurons: int = 256, seed: int = 0):
@@ -194,16 +202,7 @@ def sampled_sketch_accuracy(model, n_tokens: int, neurons: int = 256, seed: int 
             if i % 128 == 127:
                 print(f"  sampled-sketch accuracy: {(i + 1) * 2048} of {n_tokens} tokens, "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    worst = {}
-    for p in (0.1, 0.5, 0.9):
-        q = ls.quantile(p).float()[:, cols]
-        errs = []
-        for l in range(L):
-            X = torch.cat(acts[l])
-            lo = (X < q[l]).double().mean(0)
-            hi = (X <= q[l]).double().mean(0)
-            errs.append(((lo - p).clamp_min(0) + (p - hi).clamp_min(0)).max() * 100)
-        worst[p] = float(torch.stack(errs).max())
+    worst = worst_errors(ls, acts, cols)
     n = int(ls.n_tokens)
     m = int(ls.sketch_tokens) if ls.sketch_tokens is not None else n
     return worst, rate, m, n, sketch_error_bound(n_full, m, n)

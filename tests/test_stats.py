@@ -9,15 +9,22 @@ from langneurons.errors import UserError
 from langneurons.stats import ActivationStats, LanguageStats, pooled_quantile
 
 
-def _acts(n, I=40, seed=0, kind="silu"):
+def _acts(n, I=40, seed=0, kind="silu", shift=0.0):
+    """Activations of ``n`` tokens: SiLU, GELU, ReLU (a point mass at 0), a heavy tail (Student t,
+    2 dof) or the Gaussian pre-activations; neuron ``j`` has scale 0.3..4 and offset ``shift`` x -1..1."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, I, generator=g) * torch.linspace(0.3, 4, I)
+    if shift:
+        z = z + shift * torch.linspace(-1, 1, I)
     if kind == "silu":
         return torch.nn.functional.silu(z)
     if kind == "gelu":
         return torch.nn.functional.gelu(z)
     if kind == "relu":
         return torch.relu(z)
+    if kind == "heavy":
+        chi2 = torch.randn(n, 2, I, generator=g).pow(2).sum(1)
+        return z / (chi2 / 2).sqrt()
     return z
 
 
@@ -179,17 +186,7 @@ def test_activation_stats_directory_errors(tmp_path):
 
 # ---------------------------------------------------------------------------- the sampled sketch
 def _synthetic(kind, n, I, seed):
-    """Activations of ``n`` tokens: SiLU, GELU, ReLU (a point mass at 0) and a heavy tail (Student t, 2 dof)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, I, generator=g) * torch.linspace(0.3, 4, I) + torch.linspace(-1, 1, I)
-    if kind == "silu":
-        return torch.nn.functional.silu(z)
-    if kind == "gelu":
-        return torch.nn.functional.gelu(z)
-    if kind == "relu":
-        return torch.relu(z)
-    chi2 = torch.randn(n, 2, I, generator=g).pow(2).sum(1)   # Student t with 2 degrees of freedom
-    return z / (chi2 / 2).sqrt()
+    return _acts(n, I, seed, kind, shift=1.0)
 
 
 def _sketch_stream(kind, n_tokens, I, chunk, rate, seed=7):
