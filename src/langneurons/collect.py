@@ -395,9 +395,9 @@ class Collector:
                                       .sort().values if n > self._calibration_rows else None)
         elif self.stats.sketch_tokens is not None:
             index = batch.index if batch.index is not None else self.batches_run
-            pick = sample_positions(n, self.stats.sketch_rate, self.sketch_seed, index)
-            sketched = n if pick is None else len(pick)
-            self._sketch_pick = None if pick is None else pick.to(self.stats.device)
+            pick = sample_positions(n, self.stats.sketch_rate, self.sketch_seed, index)   # rate < 1 here
+            sketched = len(pick)
+            self._sketch_pick = pick.to(self.stats.device)
         with observe(self.adapter, self.site, self._observe) as calls:
             self.base(input_ids=ids, use_cache=False, **forward_kwargs(self.base, mask))
         check_fired(calls, list(range(self.adapter.num_layers)))

@@ -475,11 +475,15 @@ class LanguageStats:
         return _SketchTables(p("edges"), p("hist"), p("count_pos"), p("count_neg"), self.n_tokens,
                              p("sketch_zeros"), p("vmin"), p("vmax"))
 
+    def _tables_fit(self) -> bool:
+        """Whether the read-off tables of every layer are kept as one cached block."""
+        return self.num_layers * self.width * (self.sketch_bins + 2) <= TABLE_CACHE_ELEMENTS
+
     def _table_blocks(self):
         """(layers, tables) covering every layer: one block, built once per state of the statistics,
         when all tables fit in TABLE_CACHE_ELEMENTS; else one layer at a time (memory of one layer)."""
         L = self.num_layers
-        if L * self.width * (self.sketch_bins + 2) <= TABLE_CACHE_ELEMENTS:
+        if self._tables_fit():
             if self.__dict__.get("_tables_key") != self._version:
                 self._tables_cache = self._tables(slice(0, L))
                 self._tables_key = self._version
@@ -642,7 +646,7 @@ def _bisect_cdf(stats: list[LanguageStats], weights: torch.Tensor, q: float, ite
         s._require_sketch()
     L, I = stats[0].num_layers, stats[0].width
     out = torch.empty(L, I, dtype=torch.float64)
-    if all(L * I * (s.sketch_bins + 2) <= TABLE_CACHE_ELEMENTS for s in stats):
+    if all(s._tables_fit() for s in stats):
         blocks = [(slice(0, L), [next(s._table_blocks())[1] for s in stats])]      # cached, one block
     else:                                                                       # a layer at a time
         blocks = ((slice(l, l + 1), [s._tables(slice(l, l + 1)) for s in stats]) for l in range(L))

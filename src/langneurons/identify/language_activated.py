@@ -26,9 +26,9 @@ def add_arguments(parser) -> None:
                         help="use the first N stored sentences of each language [all stored]")
 
 
-def sentence_means(stats, code: str, limit=None, layer=None) -> torch.Tensor:
-    """The stored per-sentence means ``[S, L, I]`` of ``code`` (first ``limit`` if given), or of one
-    ``layer`` only (``[S, I]``, read from the file alone: large models are read a layer at a time)."""
+def sentence_means(stats, code: str, limit, layer: int) -> torch.Tensor:
+    """The stored per-sentence means ``[S, I]`` of ``code`` at ``layer`` (first ``limit`` if given),
+    read from the file alone: large models are read a layer at a time."""
     ls = stats.get(code)
     n = min(int(ls.n_sentences), ls.max_sentences)     # max_sentences is 0 without sentence means
     if n == 0:
@@ -40,9 +40,7 @@ def sentence_means(stats, code: str, limit=None, layer=None) -> torch.Tensor:
             raise UserError(f"--sentences {limit} but only {n} sentence means of {code!r} are stored; "
                             f"use --sentences {n} or collect more with --sentences")
         n = limit
-    if layer is not None:
-        return ls.part("sentence_mean", (slice(0, n), slice(layer, layer + 1)))[:, 0].float().cpu()
-    return ls.sentence_mean[:n].float().cpu()
+    return ls.part("sentence_mean", (slice(0, n), slice(layer, layer + 1)))[:, 0].float().cpu()
 
 
 def activated_mask(means: torch.Tensor) -> torch.Tensor:
