@@ -32,7 +32,8 @@ import torch
 
 from langneurons.intervene import Intervention, intervene
 from langneurons.neuronset import NeuronSet
-from langneurons.ppl import perplexity_matrix, sequence_nll
+from langneurons.ppl import perplexity_matrix
+from langneurons.runtime import Session
 from langneurons.stats import STATS_FORMAT, ActivationStats, LanguageStats
 
 SEED = 0
@@ -161,7 +162,8 @@ def bench_ppl(model) -> bool:
     rows = [("baseline", None)] + [(c, Intervention(ns, [c], "zero")) for c in langs]
     with torch.no_grad():
         t0 = time.perf_counter()
-        res = perplexity_matrix(model, rows, columns, batch_size=BATCH)
+        session = Session(model, None, batch_size=BATCH)
+        res = perplexity_matrix(session, rows, columns)
         ours = time.perf_counter() - t0
         t0 = time.perf_counter()
         naive = torch.zeros(K + 1, K, dtype=torch.float64)
@@ -171,8 +173,8 @@ def bench_ppl(model) -> bool:
                 ids = torch.from_numpy(W)
                 for s in range(0, WINDOWS, BATCH):
                     with intervene(model, iv):
-                        naive[r, c] += sequence_nll(model, ids[s:s + BATCH])[0].sum()
-                    base = sequence_nll(model, ids[s:s + BATCH])[0].sum()   # baseline recomputed per cell
+                        naive[r, c] += session.token_nll(ids[s:s + BATCH])[0].sum()
+                    base = session.token_nll(ids[s:s + BATCH])[0].sum()   # baseline recomputed per cell
                     naive[0, c] = base if r == 1 else naive[0, c]
                     passes += 2
         naive_t = time.perf_counter() - t0

@@ -584,7 +584,7 @@ def tail(path: Path, n: int = 15) -> str:
 
 STEPS = ["build", "load", "collect", "lape", "act-prob", "ppl", "steer"]
 
-LOAD_ONLY = ("import sys; from langneurons.collect import DTYPES, load_model, resolve_device; "
+LOAD_ONLY = ("import sys; from langneurons.runtime import DTYPES, load_model, resolve_device; "
              "load_model(sys.argv[1], resolve_device(sys.argv[2]), DTYPES[sys.argv[3]])")
 
 

@@ -69,7 +69,7 @@ def run(out: Path, words: int = 400, steps: int = 1200, seed: int = 0, quiet: bo
     from langneurons.bridge.icl import HFGenerator, run_bli
     from langneurons.bridge.names import ENDONYMS
     from langneurons.cli import main as cli
-    from langneurons.collect import load_model
+    from langneurons.runtime import Session, load_model
     D, E, Z = ENDONYMS["de"], ENDONYMS["en"], ENDONYMS["zh"]
     tri = triples(words, seed)
     train, test = tri[:len(tri) // 2], tri[len(tri) // 2:]
@@ -95,7 +95,7 @@ def run(out: Path, words: int = 400, steps: int = 1200, seed: int = 0, quiet: bo
     report = {"words": {"train": len(train), "test": len(test)}, "merged_colon_quote": len(tok(':"',
               add_special_tokens=False)["input_ids"]) == 1}
     for healing in (False, True):
-        gen = HFGenerator(model, tok, max_new_tokens=10, batch_size=32, token_healing=healing)
+        gen = HFGenerator(Session(model, tok, batch_size=32), max_new_tokens=10, token_healing=healing)
         for split, items in (("train", train), ("test", test)):
             res = run_bli(gen, [(d, z) for d, _, z in items], "de", "zh", [None, "en", "fr"], names)
             rec = res["conditions"]["en"]["records"]

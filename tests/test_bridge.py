@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from langneurons.runtime import Session
 from langneurons.bridge import icl, names, overlap, probe, select, spectrum
 from langneurons.bridge.hsic import hsic_matrix, layer_score
 from langneurons.cli import main
@@ -349,9 +350,9 @@ def test_probe_mean_over_prompt_tokens_equals_by_hand_mean_from_hooks(model_type
     model, tok = _toy(model_type)
     adapter = Adapter(model)
     prompts = ['Deutsch:"Haus"→中文:', 'English:"a much longer word here"→Français:', 'Español:"sí"→English:']
-    acts = probe.prompt_mean_activations(model, tok, prompts, batch_size=2, adapter=adapter)
+    acts = Session(model, tok, batch_size=2, adapter=adapter).mean_activations(prompts)
     assert acts.shape == (adapter.num_layers, adapter.width, 3) and acts.dtype == torch.float32
-    with_bos = probe.prompt_mean_activations(model, tok, prompts, batch_size=3, include_special=True)
+    with_bos = Session(model, tok, batch_size=3).mean_activations(prompts, include_special=True)
     for n, p in enumerate(prompts):
         ids = tok(p, return_tensors="pt")["input_ids"]
         assert ids[0, 0].item() == tok.bos_token_id
@@ -367,47 +368,47 @@ def test_probe_mean_over_prompt_tokens_equals_by_hand_mean_from_hooks(model_type
 def test_batched_left_padded_generation_equals_one_by_one(demo):
     model, tok = demo
     prompts = ['Deutsch:"Haus"→中文:', 'English:"a much longer word here"→Français:', 'fr:"x"→', "The"]
-    batched = icl.HFGenerator(model, tok, max_new_tokens=6, batch_size=4)(prompts)
-    single = [icl.HFGenerator(model, tok, max_new_tokens=6, batch_size=1)([p])[0] for p in prompts]
+    batched = icl.HFGenerator(Session(model, tok, batch_size=4), max_new_tokens=6)(prompts)
+    single = [icl.HFGenerator(Session(model, tok, batch_size=1), max_new_tokens=6)([p])[0] for p in prompts]
     assert batched == single
     assert all("\n" not in t for t in batched)
 
 
 def test_choice_scorer_is_next_token_argmax_over_letters(demo):
     model, tok = demo
-    scorer = icl.HFChoiceScorer(model, tok)
+    session = Session(model, tok)
+    scorer = icl.HFChoiceScorer(session)
     prompt = icl.mrc_prompt("The river floods in spring.", "When?", ["winter", "autumn", "spring", "never"])
     got = scorer([prompt, "Answer:"])
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     logits = model(input_ids=ids).logits[0, -1]
-    assert got[0] == int(logits[scorer.letter_ids].argmax())
+    assert got[0] == int(logits[session.letter_ids()].argmax())
     assert all(0 <= g <= 3 for g in got)
 
 
 def test_build_probes_filters(demo):
-    model, tok = demo
+    session = Session(*demo)
     nm = {"de": "Deutsch", "en": "English"}
     entries = {"Haus": ["house"], "Hund": ["dog"], "Katze": ["cat"]}
     gen = StubGenerator({icl.translation_prompt("Deutsch", "Hund", "English"): ' "Dog"',
                          icl.translation_prompt("Deutsch", "Katze", "English"): ' "cats"'})
-    ps = probe.build_probes(model, tok, entries, "de", "en", nm, "correct", gen)
+    ps = probe.build_probes(session, entries, "de", "en", nm, "correct", gen)
     assert [p["word"] for p in ps.probes] == ["Hund"] and ps.n == 1
     assert ps.meta["filter"] == "correct" and ps.meta["n_correct"] == 1 and ps.meta["n_candidates"] == 3
-    ps_all = probe.build_probes(model, tok, entries, "de", "en", nm, "all", gen)
+    ps_all = probe.build_probes(session, entries, "de", "en", nm, "all", gen)
     assert ps_all.n == 3 and [p["correct"] for p in ps_all.probes] == [False, True, False]
     torch.testing.assert_close(ps_all.acts[:, :, 1], ps.acts[:, :, 0])
 
     def refuse(prompts):
         raise AssertionError("filter none must not generate")
-    ps_none = probe.build_probes(model, tok, entries, "de", "en", nm, "none", refuse, max_probes=2)
+    ps_none = probe.build_probes(session, entries, "de", "en", nm, "none", refuse, max_probes=2)
     assert ps_none.n == 2 and ps_none.probes[0]["correct"] is None and ps_none.meta["translation_accuracy"] is None
     with pytest.raises(UserError, match="--filter all"):
-        probe.build_probes(model, tok, {"Haus": ["house"]}, "de", "en", nm, "correct", StubGenerator({}))
+        probe.build_probes(session, {"Haus": ["house"]}, "de", "en", nm, "correct", StubGenerator({}))
 
 
 def test_probe_set_round_trip(tmp_path, demo):
-    model, tok = demo
-    ps = probe.build_probes(model, tok, {"Hund": ["dog"]}, "de", "en", {"de": "Deutsch", "en": "English"}, "none")
+    ps = probe.build_probes(Session(*demo), {"Hund": ["dog"]}, "de", "en", {"de": "Deutsch", "en": "English"}, "none")
     ps.save(tmp_path)
     back = probe.ProbeSet.load(tmp_path, "de", "en")
     assert torch.equal(back.acts, ps.acts) and back.probes == ps.probes and back.meta["filter"] == "none"
@@ -486,8 +487,8 @@ def test_token_healing_takes_back_the_last_token_and_constrains_the_first(demo):
     one (the model then reads the same tokens)."""
     model, tok = demo
     prompts = ['Deutsch:"Haus"→中文:', 'English:"house"→Français:', 'Español:"sí"→English:"yes"']
-    plain = icl.HFGenerator(model, tok, max_new_tokens=6, batch_size=2)
-    healed = icl.HFGenerator(model, tok, max_new_tokens=6, batch_size=2, token_healing=True)
+    plain = icl.HFGenerator(Session(model, tok, batch_size=2), max_new_tokens=6)
+    healed = icl.HFGenerator(Session(model, tok, batch_size=2), max_new_tokens=6, token_healing=True)
     ids, prefixes, allowed = healed._healed(prompts)
     full = tok(prompts, add_special_tokens=True)["input_ids"]
     for row, (x, y, p) in enumerate(zip(ids, full, prefixes)):

@@ -101,7 +101,7 @@ def test_compare_and_show_errors(set_a, tmp_path, capsys):
 def test_plot_writes_pngs(set_a, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out_dir = tmp_path / "plots"
-    assert main(["neurons", "plot", str(set_a), "--out-dir", str(out_dir)]) == 0
+    assert main(["neurons", "plot", str(set_a), "--out", str(out_dir)]) == 0
     for name in ("a-layers.png", "a-jaccard.png"):
         data = (out_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

@@ -13,7 +13,8 @@ import torch
 
 from langneurons.arch import Adapter
 from langneurons.cli import main
-from langneurons.collect import Batch, Collector, pad_sentences
+from langneurons.collect import Batch, Collector
+from langneurons.runtime import pad_rows
 from langneurons.corpus import Packing, cut_windows, select_windows
 from langneurons.stats import ActivationStats, LanguageStats
 from langneurons.testing import tiny_model
@@ -79,7 +80,7 @@ def _sentence_stats(model, sents, batch_size, side, S=6):
     c = Collector(model, a, "act", torch.device("cpu"))
     c.stats = ls
     for i in range(0, len(sents), batch_size):
-        ids, mask = pad_sentences(sents[i:i + batch_size], 0, side)
+        ids, mask = pad_rows(sents[i:i + batch_size], 0, side)
         c.run_batch(Batch(ids, mask, first_sentence=i))
     return ls
 

@@ -27,6 +27,15 @@ def test_demo_end_to_end_and_resume(demo_model, tmp_path, capsys):
     for section in ("Activation statistics", "Neuron sets", "Perplexity under deactivation", "Steering"):
         assert any(h.startswith(section) for h in heads), heads
     assert re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', html) is None   # nothing fetched: offline page
+    # every JSON artifact of the run carries a format tag the registry knows, and none is "Other"
+    from langneurons.artifacts import kind_of
+    model_dir = out / "model"
+    for f in out.rglob("*.json"):
+        if model_dir in f.parents or any(p.name.startswith(".") for p in f.relative_to(out).parents):
+            continue
+        assert kind_of(f) is not None, f
+    assert "Other files" not in heads
+    assert str(out) not in html                       # paths are shown relative to the run directory
     steer = json.loads((out / "steer" / "steer.json").read_text(encoding="utf-8"))
     assert set(steer["settings"]["operators"]) == {"zero", "set:batch-p10", "set:p_max"}
     ppl = json.loads((out / "ppl" / "ppl.json").read_text(encoding="utf-8"))

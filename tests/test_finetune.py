@@ -101,6 +101,38 @@ def test_load_squad(tmp_path):
         D.load_squad(tmp_path / "x.json")
 
 
+def test_load_matches_the_task_readers(tmp_path):
+    """Fine-tuning data and task documents come from the same reader of each file format."""
+    from langneurons.tasks import get_task
+
+    sib = tmp_path / "sib" / "eng_Latn" / "test.tsv"
+    sib.parent.mkdir(parents=True)
+    sib.write_text("index_id\tcategory\ttext\n3\tsports\tThe team won.\n\t\t\n5\ttravel\tThe train left.\n"
+                   "9\thealth\tEat well.\n")
+    d = D.load_sib200(sib)
+    docs = get_task("sib200").load(str(tmp_path / "sib"), "en")
+    assert d.ids == ["3", "5", "9"] and d.label_names == ["health", "sports", "travel"]
+    assert d.texts == [x["text"] for x in docs] and [d.label_names[y] for y in d.labels] == [x["category"] for x in docs]
+
+    nli = tmp_path / "xnli_test_en.tsv"
+    nli.write_text("id\tpremise\thypothesis\tlabel\n7\tA man.\tA person.\t0\n8\tA dog.\tA cat.\t2\n9\tS.\tT.\t1\n")
+    d = D.load_nli(nli)
+    docs = get_task("xnli").load(str(nli), "en")
+    assert d.ids == ["7", "8", "9"]
+    assert d.texts == [(x["premise"], x["hypothesis"]) for x in docs] and d.labels == [x["label"] for x in docs]
+
+    sq = tmp_path / "xquad.en.json"
+    sq.write_text(json.dumps({"data": [{"paragraphs": [
+        {"context": "Paris is in France.", "qas": [{"id": "a", "question": "Where is Paris?",
+                                                    "answers": [{"text": "France"}, {"text": "in France"}]}]},
+        {"context": "Water boils.", "qas": [{"question": "What boils?", "answers": [{"text": "Water"}]}]}]}]}))
+    d = D.load_squad(sq)
+    docs = get_task("xquad").load(str(sq), "en")
+    assert d.ids == ["a", "1"] == [x["id"] for x in docs]
+    assert (d.contexts, d.questions, d.answers) == ([x["context"] for x in docs], [x["question"] for x in docs],
+                                                   [x["answers"] for x in docs])
+
+
 def test_select_fraction_and_batches():
     assert D.select_fraction(10, 0.3, "first", 0) == [0, 1, 2]
     a = D.select_fraction(100, 0.25, "random", 3)
@@ -266,7 +298,7 @@ def test_cli_train_then_eval_and_peft_loading(demo_model, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["finetune", "train", "--model", str(demo_model), "--task", "sib200", "--train", str(train_file),
                "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--lr", "1e-3",
-               "--neurons", str(ns), "--neuron-langs", "en,fr", "--mlp-modules", "gate,up,down", "--quiet",
+               "--neurons", str(ns), "--languages", "en,fr", "--mlp-modules", "gate,up,down", "--quiet",
                "--eval", f"en={train_file}", "--device", "cpu"])
     assert rc == 0
     for f in ("adapter_config.json", "adapter_model.safetensors", "langneurons_mask.json",
@@ -287,7 +319,7 @@ def test_cli_train_then_eval_and_peft_loading(demo_model, tmp_path, capsys):
     # bad input: one line, exit 2
     capsys.readouterr()
     rc = main(["finetune", "train", "--model", str(demo_model), "--task", "sib200", "--train", str(train_file),
-               "--out", str(tmp_path / "x"), "--neurons", str(ns), "--neuron-langs", "xx", "--quiet", "--device", "cpu"])
+               "--out", str(tmp_path / "x"), "--neurons", str(ns), "--languages", "xx", "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "no language xx" in err and "\n" not in err
 

@@ -65,7 +65,7 @@ def test_registered():
 
 def test_local_task_runs_offline_and_only_interventions_change_scores(demo_model, neuron_file, manager):
     from langneurons.intervene import intervene
-    from langneurons.tasks.scoring import Scorer
+    from langneurons.runtime import Session
     lm = LangneuronsLM(pretrained=str(demo_model), device="cpu", batch_size=8)
     assert lm.intervention is None
     res0, docs, ll0 = _run(lm, manager)
@@ -78,7 +78,7 @@ def test_local_task_runs_offline_and_only_interventions_change_scores(demo_model
     assert changed == sum(len(x) for x in ll0)  # every continuation's score moved
 
     # the harness's numbers equal langneurons' own scorer (same pair encoding, BOS from the tokenizer)
-    scorer = Scorer(lm.model, lm.tokenizer, batch_size=8)
+    scorer = Session(lm.model, lm.tokenizer, batch_size=8)
     pairs = [(d["context"], c) for d in docs for c in d["choices"]]
     mine0 = [x for x, _ in scorer.loglikelihood(pairs)]
     with intervene(lm.model, iv):
@@ -130,16 +130,16 @@ def test_local_task_file_filters_by_language(offline):
 def test_generation_under_intervention_matches_own_generator(demo_model, neuron_file, offline):
     from lm_eval.api.instance import Instance
     from langneurons.intervene import intervene
-    from langneurons.tasks.scoring import Scorer
+    from langneurons.runtime import Session
     lm = LangneuronsLM(pretrained=str(demo_model), device="cpu", batch_size=2)
     prompts = ["The cat", "Le chat est", "Die Sonne"]
     reqs = [Instance(request_type="generate_until", doc={}, idx=0,
                      arguments=(p, {"until": ["\n"], "max_gen_toks": 8, "do_sample": False})) for p in prompts]
-    scorer = Scorer(lm.model, lm.tokenizer, batch_size=2)
+    scorer = Session(lm.model, lm.tokenizer, batch_size=2)
     plain = lm.generate_until(reqs)
-    assert [x.strip() for x in plain] == scorer.generate(prompts, 8, ("\n",))
+    assert [x.strip() for x in plain] == scorer.generate(prompts, 8, stop=("\n",), strip=True)
     lm.intervention = build_intervention(str(neuron_file), "zh", "zero")
     steered = lm.generate_until(reqs)
     with intervene(lm.model, lm.intervention):
-        assert [x.strip() for x in steered] == scorer.generate(prompts, 8, ("\n",))
+        assert [x.strip() for x in steered] == scorer.generate(prompts, 8, stop=("\n",), strip=True)
     assert steered != plain

@@ -226,7 +226,7 @@ def test_refusal_on_the_command_line(tmp_path, capsys):
     ns.save(tmp_path / "ns.json")
     for extra in (["--use-dora"], ["--init-lora-weights", "pissa"], ["--bias", "all"], ["--lora-bias"]):
         rc = main(["finetune", "train", "--model", str(tmp_path / "nomodel"), "--task", "sib200", "--train", str(train),
-                   "--out", str(tmp_path / "out"), "--neurons", str(tmp_path / "ns.json"), "--neuron-langs", "en",
+                   "--out", str(tmp_path / "out"), "--neurons", str(tmp_path / "ns.json"), "--languages", "en",
                    *extra])
         err = capsys.readouterr().err.strip()
         assert rc == 2

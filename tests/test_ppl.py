@@ -14,7 +14,8 @@ from langneurons.cli import main
 from langneurons.identify import select
 from langneurons.intervene import Intervention, intervene
 from langneurons.neuronset import NeuronSet
-from langneurons.ppl import diagonal_dominance, perplexity_matrix, sequence_nll
+from langneurons.ppl import diagonal_dominance, perplexity_matrix
+from langneurons.runtime import Session
 from langneurons.testing import tiny_model
 
 
@@ -22,11 +23,15 @@ from langneurons.testing import tiny_model
 
 
 # ------------------------------------------------------------------------------------------ exact maths
-def test_sequence_nll_by_hand():
+def _session(m, batch_size: int = 8) -> Session:
+    return Session(m, None, batch_size=batch_size)
+
+
+def test_token_nll_by_hand():
     m = tiny_model("llama", dtype=torch.float64)
     ids = torch.tensor([[1, 5, 9, 4, 7, 0, 0], [1, 8, 8, 3, 6, 2, 11]])
     mask = (torch.arange(7)[None] < torch.tensor([[5], [7]])).long()
-    nll, n = sequence_nll(m, ids, mask)
+    nll, n = _session(m).token_nll(ids, mask)
     assert n.tolist() == [4, 6]
     for b, length in enumerate([5, 7]):
         with torch.no_grad():
@@ -55,12 +60,12 @@ def test_stacked_matrix_equals_separate_runs_for_any_batch_size():
         for r, (_, iv) in enumerate(rows):
             for c, W in enumerate(cols.values()):
                 if iv is None:
-                    ref[r, c] = sequence_nll(m, torch.from_numpy(W))[0].sum()
+                    ref[r, c] = _session(m).token_nll(torch.from_numpy(W))[0].sum()
                 else:
                     with intervene(m, iv):
-                        ref[r, c] = sequence_nll(m, torch.from_numpy(W))[0].sum()
+                        ref[r, c] = _session(m).token_nll(torch.from_numpy(W))[0].sum()
     for bs in (1, 4, 7, 100):
-        res = perplexity_matrix(m, rows, cols, batch_size=bs)
+        res = perplexity_matrix(_session(m, bs), rows, cols)
         torch.testing.assert_close(res.nll_sum, ref, rtol=0, atol=1e-9)
         assert res.tokens == [5 * 9, 3 * 9, 4 * 9]
         assert res.passes == sum(math.ceil(len(rows) * len(W) / bs) for W in cols.values())
@@ -147,7 +152,7 @@ def test_deactivation_matrix_on_trained_model(shared_model, shared_stats):
     en more, ar's hurt hi about as much as ar); the 7/8 of larger models is not reached on this tiny
     model, where the four Latin-script languages share most of their neurons.
     """
-    from langneurons.collect import load_model
+    from langneurons.runtime import load_model
     from langneurons.corpus import LanguageSource
     from langneurons.neuronset import random_control
     from langneurons.ppl import heldout_windows
@@ -161,13 +166,13 @@ def test_deactivation_matrix_on_trained_model(shared_model, shared_stats):
         f = shared_model / "heldout" / f"{c}.txt"
         cols[c] = heldout_windows(LanguageSource(c, str(f), [str(f)]), tok, 64, 512, seed=0)
     rows = [("baseline", None)] + [(c, Intervention(ns, [c], "zero")) for c in langs]
-    res = perplexity_matrix(model, rows, cols, batch_size=48)
+    res = perplexity_matrix(Session(model, tok, batch_size=48), rows, cols)
     d = res.mean_nll[1:] - res.mean_nll[0]
     rc = random_control(ns, 0)
     rand = []
     for k, c in enumerate(langs):   # each control row on its own language only
-        r = perplexity_matrix(model, [("baseline", None), ("rand", Intervention(rc, [c], "zero"))], {c: cols[c]},
-                              batch_size=48)
+        r = perplexity_matrix(Session(model, tok, batch_size=48),
+                              [("baseline", None), ("rand", Intervention(rc, [c], "zero"))], {c: cols[c]})
         rand.append(float(r.mean_nll[1, 0] - r.mean_nll[0, 0]))
     dom = diagonal_dominance(d, langs, langs)
     print("\nLAPE top_rate 0.1 sizes:", {c: ns.total(c) for c in langs})

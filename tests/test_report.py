@@ -126,3 +126,66 @@ def test_report_of_empty_dir_and_of_eval_output(tmp_path):
     first = render_report(d).read_text()
     second = render_report(d).read_text()
     assert first == second
+
+
+# ------------------------------------------------------------------------------------------ every kind
+def test_every_kind_has_a_section_and_nothing_is_left_over(tmp_path):
+    from artifact_docs import write_run_dir
+    from langneurons import artifacts
+    run = tmp_path / "run"
+    paths = write_run_dir(run)
+    page = render_report(run).read_text(encoding="utf-8")
+    assert "Other files" not in page and 'class="err"' not in page and "could not render" not in page
+    for kind in paths:
+        assert f"<h2>{artifacts.KINDS[kind].title}</h2>" in page, kind
+    # paths are relative to the run directory, never absolute from inside it
+    assert str(tmp_path) not in page and str(run.resolve()) not in page
+    assert "<code>neurons/lape.json</code>" in page               # ppl settings recorded an absolute path
+    assert "ft/eval.json" in page and "exp/runs/ln-source/seed0" in page
+    # fine-tuning: mean ± sd per condition and language, difference against attn, runs, evaluations
+    assert "<td class=\"l\">65.0 ± 3.0</td>" in page and "<td class=\"l\">+5.0 (p=0.041)</td>" in page
+    assert "<td>0.750</td>" in page and "<td>0.250</td>" in page        # run scores en, fr
+    assert "<td>0.700</td>" in page and "<td>1234</td>" in page         # eval.json, run record
+    # bridge: probes, ranking (with its PNG and a per-layer plot), selection, spectrum, BLI, MRC
+    assert "<td>30.0</td>" in page and "<td>33.3</td>" in page          # translation accuracies (%)
+    assert "bridge/ranking-de-zh.png" in page and "per-layer scores: bridge/ranking-de-zh.json" in page
+    assert "Figures" not in page                                          # every PNG shown with its artifact
+    assert "top-prob neuron overlap" in page and "Jaccard" in page
+    assert "<td>80.0</td>" in page and "<td>62.5</td>" in page and "<td>37.5</td>" in page
+    # the tiny-train record inside the model directory, and the unfinished-run files
+    assert "<td>3.250</td>" in page and "0123abcd" in page
+
+
+def test_malformed_known_kinds_are_listed_with_the_reason_and_unknown_files_go_to_other(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "ppl.json").write_text(json.dumps({"format": "langneurons.ppl.v1", "rows": [], "columns": []}))
+    (d / "ranking-a-b.json").write_text(json.dumps({"format": "langneurons.bridge.ranking.v1", "src": "a",
+                                                     "trg": "b", "ranking": [{"bridge": "c", "score": "high"}]}))
+    (d / "mine.json").write_text(json.dumps({"format": "langneurons.nothing.v1"}))
+    (d / "notes.json").write_text(json.dumps({"hello": 1}))
+    page = render_report(d).read_text(encoding="utf-8")
+    ppl = page[page.index("Perplexity under deactivation"):]
+    assert "ppl.json: this langneurons.ppl.v1 file lacks &#x27;ppl&#x27; (list)" in ppl
+    ranking = page[page.index("Bridge rankings"):page.index("Other files")]
+    assert '<td class="l">high</td>' in ranking and "(no plot: could not convert" in ranking   # shown as is
+    other = page[page.index("Other files"):]
+    assert "mine.json" in other and "notes.json" in other and "ppl.json" not in other
+
+
+def test_layer_plots_have_integer_ticks(tmp_path, monkeypatch):
+    from langneurons import plots
+    from langneurons.neuronset import NeuronSet
+    figures = []
+    real = plots._save_png
+    monkeypatch.setattr(plots, "_save_png", lambda fig, path: (figures.append(fig), real(fig, path))[1])
+    masks = {"en": torch.zeros(3, 8, dtype=torch.bool)}
+    masks["en"][1, :2] = True
+    ns = NeuronSet.from_masks(masks, {"num_layers": 3, "width": 8, "site": "act"}, {"name": "hand"})
+    plots.plot_layer_distribution(ns, tmp_path / "a.png")
+    plots.plot_layer_lines({"x": ([1, 2, 3], [0.5, None, 0.25]), "y": ([1, 2], [0.1, 0.2])}, tmp_path / "b.png")
+    assert len(figures) == 2
+    for fig in figures:
+        fig.canvas.draw()
+        ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

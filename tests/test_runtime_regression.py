@@ -68,7 +68,7 @@ def measure(model: Path, stats: Path, shared: Path, tmp: Path) -> dict:
 
     for task, (sub, langs) in TASKS.items():
         d = tmp / f"eval-{task}"
-        assert main(["eval", task, *common, "--langs", ",".join(langs), "--data", str(shared / sub), "--limit", "6",
+        assert main(["eval", task, *common, "--languages", ",".join(langs), "--data", str(shared / sub), "--limit", "6",
                      "--batch-size", "4", "--out", str(d), "--quiet", "--neurons", str(tmp / "ns.json"),
                      "--operator", "zero", "--setting", "none,self"]) == 0
         rec = json.loads((d / f"{task}.json").read_text())
@@ -97,8 +97,12 @@ def test_numbers_equal_the_recorded_ones(measured, key):
     assert key in measured
     got, want = _flat(measured[key]), _flat(expected)
     assert [p for p, _ in got] == [p for p, _ in want]
+    # LSS mean shifts are means of differences of float32 log-likelihood sums (about -20 each): the one
+    # log-likelihood pass adds a batch's token log-probabilities in another order than steer's old copy
+    # did, which moves them by float32 rounding (measured 2.2e-6 at most); every other number is equal.
+    tol = 1e-5 if key.endswith(".mean_shift") else 1e-6
     for (path, g), (_, w) in zip(got, want):
-        assert g == (pytest.approx(w, abs=1e-6, rel=1e-6) if isinstance(w, float) else w), path
+        assert g == (pytest.approx(w, abs=tol, rel=1e-6) if isinstance(w, float) else w), path
 
 
 if __name__ == "__main__":  # record the values (see the module docstring)

@@ -12,6 +12,7 @@ from langneurons.cli import main
 from langneurons.errors import UserError
 from langneurons.identify import select
 from langneurons.intervene import Intervention
+from langneurons.runtime import Session
 from langneurons.steer import (ClozeItem, build_muse_cloze, continuation_loglik, load_cloze_jsonl, load_mlama,
                                lss, mlama_prompt, save_cloze_jsonl)
 
@@ -88,7 +89,7 @@ def demo64(demo_model):
 def test_continuation_loglik_by_hand_and_batch_invariant(demo64):
     m, tok = demo64
     pairs = [("The cat sat on the", " mat"), ("Le chat", " noir et blanc"), ("猫", "在睡觉"), ("A", " b c d e f")]
-    ll = continuation_loglik(m, tok, pairs, batch_size=4)
+    ll = continuation_loglik(Session(m, tok, batch_size=4), pairs)
     for (ctx, cont), got in zip(pairs, ll.tolist()):
         c = tok(ctx)["input_ids"]
         whole = tok(ctx + cont)["input_ids"]
@@ -97,7 +98,7 @@ def test_continuation_loglik_by_hand_and_batch_invariant(demo64):
             lp = torch.log_softmax(m(input_ids=torch.tensor([whole])).logits[0], -1)
         want = sum(float(lp[t - 1, whole[t]]) for t in range(len(c), len(whole)))
         assert got == pytest.approx(want, abs=1e-9)
-    torch.testing.assert_close(continuation_loglik(m, tok, pairs, batch_size=1), ll, rtol=0, atol=1e-9)
+    torch.testing.assert_close(continuation_loglik(Session(m, tok, batch_size=1), pairs), ll, rtol=0, atol=1e-9)
 
 
 def test_lss_by_hand_and_ties_fail(demo64, demo_stats):
@@ -109,18 +110,19 @@ def test_lss_by_hand_and_ties_fail(demo64, demo_stats):
                        {"en": "four", "fr": "quatre", "zh": "四"}, {})
              for i, (w, v, z) in enumerate([("three", "trois", "三"), ("five", "cinq", "五")])]
     langs = ["en", "fr", "zh"]
-    none = lss(m, tok, items, langs, lambda t: None)
+    session = Session(m, tok, batch_size=16)
+    none = lss(session, items, langs, lambda t: None)
     assert none["lss"][0][1] == 0.0 and none["lss_mean"] == 0.0      # no intervention: D1 == D0, ties fail
     assert none["lss"][0][0] is None
     make = lambda t: Intervention(ns, [t], "scale:5")
-    res = lss(m, tok, items, langs, make)
+    res = lss(session, items, langs, make)
     # brute force for s = en, t = zh
     from langneurons.intervene import intervene
     q = [(it.prompts["en"], " " + it.objects["zh"]) for it in items] + \
         [(it.prompts["en"], " " + it.objects["en"]) for it in items]
-    b = continuation_loglik(m, tok, q)
+    b = continuation_loglik(session, q)
     with intervene(m, make("zh")):
-        a = continuation_loglik(m, tok, q)
+        a = continuation_loglik(session, q)
     d0 = b[:2] - b[2:]
     d1 = a[:2] - a[2:]
     assert res["lss"][0][2] == pytest.approx(float(((d1 - d0) > 0).double().mean()))
@@ -222,7 +224,7 @@ def shared_sentence_stats(shared_model, shared_data):
 
 @pytest.fixture(scope="module")
 def steering_setup(shared_model, shared_stats, shared_sentence_stats, shared_data):
-    from langneurons.collect import load_model
+    from langneurons.runtime import load_model
     from langneurons.stats import ActivationStats
     stats = ActivationStats.load(shared_stats)
     ns = select("lape", stats, top_rate=0.1)
@@ -241,7 +243,7 @@ def test_steering_lss_on_trained_model(steering_setup, shared_data):
     model, tok, ns, sent, langs = steering_setup
     items = build_muse_cloze(shared_data / "muse", langs, n_items=12)
     ivs, _ = build_interventions(ns, sent, langs, ["set:p_max", "zero", "set:batch-p10"])
-    ev = evaluate_steering(model, tok, ivs, langs, items=items, batch_size=48)
+    ev = evaluate_steering(Session(model, tok, batch_size=48), ivs, langs, items=items)
     mean = {op: r["lss_mean"] for op, r in ev["operators"].items()}
     print("\nmean LSS:", {k: round(v, 3) for k, v in mean.items()})
     for op, r in ev["operators"].items():
@@ -264,7 +266,8 @@ def test_steering_generation_on_trained_model(steering_setup):
     from langneurons.steer import build_interventions, evaluate_steering
     model, tok, ns, sent, langs = steering_setup
     ivs, _ = build_interventions(ns, sent, langs, ["set:p_max", "zero", "set:batch-p10", "set:p_max*4"])
-    ev = evaluate_steering(model, tok, ivs, langs, generation=True, samples=4, max_new_tokens=24, batch_size=32)
+    ev = evaluate_steering(Session(model, tok, batch_size=32), ivs, langs, generation=True, samples=4,
+                           max_new_tokens=24)
     share = {op: r["generation"]["share_mean"] for op, r in ev["operators"].items()}
     print("\nmean target share:", {k: round(v, 3) for k, v in share.items()},
           "baseline", round(sum(ev["generation_baseline"]["share"].values()) / len(langs), 3))

@@ -13,7 +13,7 @@ import torch
 from conftest import shared_path
 from langneurons.cli import main
 from langneurons.tasks import get_task
-from langneurons.tasks.scoring import Scorer
+from langneurons.runtime import Session
 from langneurons.testing import tiny_model
 
 
@@ -38,7 +38,7 @@ def gpt2_64(tok):
 
 @pytest.fixture(scope="module")
 def demo(demo_model):
-    from langneurons.collect import load_model
+    from langneurons.runtime import load_model
     return load_model(str(demo_model), torch.device("cpu"), torch.float32)
 
 
@@ -157,7 +157,7 @@ def test_xnli_prompt():
 
 # ------------------------------------------------------------------------------------------ scoring
 def test_loglikelihood_equals_by_hand(llama64, tok):
-    scorer = Scorer(llama64, tok, batch_size=4)
+    scorer = Session(llama64, tok, batch_size=4)
     got = scorer.loglikelihood(PAIRS)
     for (c, x), (ll, n) in zip(PAIRS, got):
         assert ll == pytest.approx(by_hand(llama64, scorer, c, x), abs=1e-10)
@@ -176,7 +176,7 @@ def test_choice_task_equals_by_hand(llama64, tok):
              "choice2": "She lost her appetite.", "question": "effect", "label": 1},
             {"premise": "I wanted to save energy.", "choice1": "I swept the floor.",
              "choice2": "I switched off the lights.", "question": "cause", "label": 0}]
-    scorer = Scorer(llama64, tok, batch_size=2)
+    scorer = Session(llama64, tok, batch_size=2)
     res = task.evaluate(scorer, docs, "en")
     correct = correct_norm = 0
     for d in docs:
@@ -192,19 +192,19 @@ def test_choice_task_equals_by_hand(llama64, tok):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_padding_side_and_batch_size_do_not_change_scores(arch, llama64, gpt2_64, tok):
     model = llama64 if arch == "llama" else gpt2_64
-    ref = Scorer(model, tok, batch_size=1).loglikelihood(PAIRS)
+    ref = Session(model, tok, batch_size=1).loglikelihood(PAIRS)
     for bs in (2, 3, 8):
         for side in ("right", "left"):
-            got = Scorer(model, tok, batch_size=bs, padding_side=side).loglikelihood(PAIRS)
+            got = Session(model, tok, batch_size=bs, padding_side=side).loglikelihood(PAIRS)
             assert max(abs(a[0] - b[0]) for a, b in zip(got, ref)) < 1e-9
     prompts = [c for c, _ in PAIRS]
     cand = [5, 17, 300]
-    lp1 = Scorer(model, tok, batch_size=1).next_token_logprobs(prompts, cand)
+    lp1 = Session(model, tok, batch_size=1).next_token_logprobs(prompts, cand)
     for bs, side in ((3, "right"), (8, "left")):
-        lp = Scorer(model, tok, batch_size=bs, padding_side=side).next_token_logprobs(prompts, cand)
+        lp = Session(model, tok, batch_size=bs, padding_side=side).next_token_logprobs(prompts, cand)
         assert torch.allclose(lp, lp1, atol=1e-9, rtol=0)
     # by hand: the last prompt position of an unpadded pass
-    ids = torch.tensor([[tok.bos_token_id] + Scorer(model, tok).encode(prompts[0])])
+    ids = torch.tensor([[tok.bos_token_id] + Session(model, tok).encode(prompts[0])])
     with torch.no_grad():
         hand = torch.log_softmax(model(ids).logits[0, -1].double(), -1)[cand]
     assert torch.allclose(lp1[0], hand, atol=1e-10, rtol=0)
@@ -212,11 +212,11 @@ def test_padding_side_and_batch_size_do_not_change_scores(arch, llama64, gpt2_64
 
 def test_left_padded_batched_generation_equals_one_by_one(llama64, tok):
     prompts = ["The cat", "Le chat est noir et", "一二三", "Die Sonne geht im Osten auf und"]
-    one = Scorer(llama64, tok, batch_size=1).generate(prompts, max_new_tokens=6, stop=())
-    many = Scorer(llama64, tok, batch_size=4).generate(prompts, max_new_tokens=6, stop=())
+    one = Session(llama64, tok, batch_size=1).generate(prompts, max_new_tokens=6, stop=(), strip=True)
+    many = Session(llama64, tok, batch_size=4).generate(prompts, max_new_tokens=6, stop=(), strip=True)
     assert one == many
     # greedy by hand for the first prompt
-    ids = [tok.bos_token_id] + Scorer(llama64, tok).encode(prompts[0])
+    ids = [tok.bos_token_id] + Session(llama64, tok).encode(prompts[0])
     for _ in range(6):
         with torch.no_grad():
             ids.append(int(llama64(torch.tensor([ids])).logits[0, -1].argmax()))
@@ -224,10 +224,10 @@ def test_left_padded_batched_generation_equals_one_by_one(llama64, tok):
 
 
 def test_generation_stops_at_stop_string(llama64, tok):
-    full = Scorer(llama64, tok).generate(["Hello"], max_new_tokens=12, stop=())[0]
+    full = Session(llama64, tok).generate(["Hello"], max_new_tokens=12, stop=(), strip=True)[0]
     assert len(full) > 2
     stop = full[1:3]  # a substring the greedy continuation is known to contain
-    cut = Scorer(llama64, tok).generate(["Hello"], max_new_tokens=12, stop=(stop,))[0]
+    cut = Session(llama64, tok).generate(["Hello"], max_new_tokens=12, stop=(stop,), strip=True)[0]
     assert cut == full[:full.find(stop)].strip()
 
 
@@ -297,7 +297,7 @@ def test_mcq_prompt_and_letter_scoring(tmp_path, llama64, tok):
                                           "C: green\nD: black\nAnswer:")
     assert task.prompt(docs[1], "en") == "Q: Two plus two?\nA: four\nB: five\nAnswer:"
     assert len(task.load(str(f), "fr")) == 1
-    scorer = Scorer(llama64, tok, batch_size=2)
+    scorer = Session(llama64, tok, batch_size=2)
     res = task.evaluate(scorer, docs, "en")
     letters = [scorer.encode(" " + L)[0] for L in "ABCD"]
     correct = 0
@@ -334,7 +334,7 @@ def test_malformed_task_files_exit_2_with_one_line(tmp_path, capsys, task, files
         write(tmp_path / "data" / name, text)
     (tmp_path / "data").mkdir(exist_ok=True)
     out = tmp_path / "out"
-    rc, err = _eval([task, "--model", str(tmp_path / "no-model"), "--langs", "zh", "--data", str(tmp_path / "data"),
+    rc, err = _eval([task, "--model", str(tmp_path / "no-model"), "--languages", "zh", "--data", str(tmp_path / "data"),
                      "--out", str(out)], capsys)
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("langneurons: error:")
@@ -349,7 +349,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
                          (["xcopa", "--option", "strip=middle"], "strip must be one of"),
                          (["xcopa", "--option", "nope=1"], "has no option"),
                          (["xcopa", "--limit", "0"], "--limit must be at least 1")):
-        rc, err = _eval([*argv, "--model", "m", "--langs", "zh", "--data", str(tmp_path), "--out",
+        rc, err = _eval([*argv, "--model", "m", "--languages", "zh", "--data", str(tmp_path), "--out",
                          str(tmp_path / "o")], capsys)
         assert rc == 2 and len(err.splitlines()) == 1 and expect in err, (argv, err)
 
@@ -380,7 +380,7 @@ def test_scores_change_under_intervention_and_return_after(demo, tmp_path):
     from langneurons.neuronset import NeuronSet
     model, tokz = demo
     ns = NeuronSet.load(_neuron_set(model, tmp_path / "ns.json"))
-    scorer = Scorer(model, tokz, batch_size=3)
+    scorer = Session(model, tokz, batch_size=3)
     base = scorer.loglikelihood(PAIRS)
     with intervene(model, Intervention(neurons=ns, languages=["zh"], operator="zero")):
         iv = scorer.loglikelihood(PAIRS)
@@ -403,7 +403,7 @@ def test_eval_command_with_settings(demo_model, demo, tmp_path, capsys):
                                                  "L'acqua scorreva.", "effect", 1)
           + rec("La ragazza trovò un insetto.", "Versò il latte.", "Perse l'appetito.", "effect", 1))
     out = tmp_path / "out"
-    rc = main(["eval", "xcopa", "--model", str(demo_model), "--langs", "zh,it", "--data", str(tmp_path / "d"),
+    rc = main(["eval", "xcopa", "--model", str(demo_model), "--languages", "zh,it", "--data", str(tmp_path / "d"),
                "--neurons", str(ns_path), "--operator", "zero", "--setting", "none,self,cross", "--out", str(out),
                "--device", "cpu", "--batch-size", "4", "--quiet", "--limit", "2"])
     assert rc == 0
@@ -439,7 +439,7 @@ def test_interrupted_eval_resumes_finished_rows(demo_model, demo, tmp_path, monk
                                                  "L'acqua scorreva.", "effect", 1))
 
     def run(out, *extra):
-        return main(["eval", "xcopa", "--model", str(demo_model), "--langs", "zh,it", "--data", str(tmp_path / "d"),
+        return main(["eval", "xcopa", "--model", str(demo_model), "--languages", "zh,it", "--data", str(tmp_path / "d"),
                      "--neurons", str(ns_path), "--operator", "zero", "--setting", "none,self", "--out", str(out),
                      "--device", "cpu", "--batch-size", "4", "--quiet", *extra])
     assert run(tmp_path / "whole") == 0
@@ -477,7 +477,7 @@ def test_self_setting_needs_the_language_in_the_set(demo_model, demo, tmp_path, 
     ns_path = _neuron_set(demo[0], tmp_path / "ns.json", langs=("en",))
     write(tmp_path / "d" / "test.zh.jsonl", '{"premise": "a.", "choice1": "b", "choice2": "c", "question": '
                                             '"effect", "label": 1}\n')
-    rc, err = _eval(["xcopa", "--model", str(demo_model), "--langs", "zh", "--data", str(tmp_path / "d"),
+    rc, err = _eval(["xcopa", "--model", str(demo_model), "--languages", "zh", "--data", str(tmp_path / "d"),
                      "--neurons", str(ns_path), "--operator", "zero", "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "has no language zh" in err and len(err.splitlines()) == 1
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import signal
@@ -43,9 +42,12 @@ from . import __version__
 from .arch import Adapter, check_site, parse_arch_override
 from .corpus import (LanguageSource, Packing, cut_windows, default_cache_dir, iter_documents, load_sentences,
                      load_stream, select_windows, tokenizer_fingerprint)
+from .artifacts import COLLECT_CHECKPOINT_FORMAT
 from .atomic import atomic_write_text
 from .errors import UserError
 from .hooks import check_fired, observe
+from .runtime import (DTYPES, dist_info, forward_kwargs, init_distributed, load_model, model_fingerprint, pad_id,
+                      pad_rows, rank_device, resolve_device, resolve_dtype)
 from .stats import (CALIBRATION_TOKENS, DEFAULT_SKETCH_BINS, SKETCH_DELTA, SKETCH_ERROR_PP, SKETCH_KINDS,
                     SKETCH_LEVELS, STATS_FORMAT, ActivationStats, LanguageStats, calibration_edges, sample_positions,
                     sketch_error_bound, sketch_rate, sketch_sample_size)
@@ -53,8 +55,6 @@ from .stats import (CALIBRATION_TOKENS, DEFAULT_SKETCH_BINS, SKETCH_DELTA, SKETC
 #: Bump when a change alters the statistics the same command collects (caches key on it).
 COLLECT_VERSION = 3
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -114,68 +114,7 @@ def check_run_options(window: int, batch_size: int, max_tokens: Optional[int], d
         raise UserError(f"unknown --dtype {dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
 
 
-# ---------------------------------------------------------------------------------------- model loading
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for CUDA but no GPU is available; use --device cpu")
-    return d
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[dtype]
-
-
-def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype, device_map: Optional[str] = None,
-               trust_remote_code: bool = False):
-    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a hub id or a local directory, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    quiet_transformers()
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise UserError(f"cannot load the tokenizer of {name_or_path!r} ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); give a local model directory or a hub id "
-                        "that is cached") from None
-    kwargs = dict(trust_remote_code=trust_remote_code)
-    dtype_kw = "dtype" if "dtype" in inspect.signature(AutoModelForCausalLM.from_pretrained).parameters else "torch_dtype"
-    try:
-        import transformers
-        major = int(transformers.__version__.split(".")[0])
-        dtype_kw = "dtype" if major >= 5 else "torch_dtype"
-    except ValueError:
-        pass
-    kwargs[dtype_kw] = dtype
-    if device_map:
-        kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except Exception as e:
-        raise UserError(f"cannot load model {name_or_path!r} ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); give a local model directory or a hub id "
-                        "that is cached") from None
-    if not device_map:
-        model.to(device)
-    model.eval()
-    return model, tok
-
-
-def quiet_transformers() -> None:
-    """No weight-loading progress bars: our own progress goes to stderr, errors are one line."""
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        pass
-
-
+# ---------------------------------------------------------------------------------------- checks
 def check_corpora_not_empty(sources: list[LanguageSource], text_field: str) -> None:
     """Fail before loading a model when a local corpus has no text (streamed sources are checked later)."""
     for src in sources:
@@ -185,28 +124,7 @@ def check_corpora_not_empty(sources: list[LanguageSource], text_field: str) -> N
                             "give a file with text")
 
 
-def model_fingerprint(model) -> str:
-    """A digest of the config and of a sample of the weights (tells two models apart cheaply)."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    params = list(model.parameters())
-    for p in (params[0], params[len(params) // 2], params[-1]):
-        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
-
-
-def _init_dist(device: torch.device) -> None:
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def _all_reduce_stats(ls: LanguageStats) -> None:
     import torch.distributed as dist
     for name in ("n_tokens", "count_pos", "count_neg", "sum", "sumsq", "hist", "sketch_tokens", "sketch_zeros",
@@ -264,36 +182,6 @@ def window_batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
-def pad_sentences(sents: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in sents)
-    ids = torch.full((len(sents), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sents), T), dtype=torch.long)
-    for i, s in enumerate(sents):
-        if side == "left":
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
-        else:
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-    return ids, mask
-
-
-def forward_kwargs(model, attention_mask: Optional[torch.Tensor]) -> dict:
-    """Keyword arguments of a padded forward pass: the mask, and position ids counted over real tokens.
-
-    Position ids make left padding give the same activations as right padding for rotary and
-    learned absolute positions (models that take no ``position_ids``, such as BLOOM, derive
-    positions from the mask themselves).
-    """
-    if attention_mask is None:
-        return {}
-    kw = {"attention_mask": attention_mask}
-    params = inspect.signature(model.forward).parameters
-    if "position_ids" in params:
-        kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    return kw
-
-
 # ---------------------------------------------------------------------------------------- the collector
 class Collector:
     """Runs forward passes with observer hooks that accumulate into a :class:`LanguageStats`."""
@@ -336,7 +224,7 @@ class Collector:
         if ls.sentence_mean is not None and self._first_sentence < ls.max_sentences:
             mask = self._sentence_mask
             m = mask.to(torch.float32).unsqueeze(-1)                        # [B, T, 1]
-            tt = t.reshape(*mask.shape, I).float()                          # OPT flattens to [B*T, I]
+            tt = t.float()                                                  # [B, T, I] on every architecture
             means = (tt * m).sum(1) / m.sum(1).clamp_min(1)
             ls.add_sentence_means(layer, means.to(ls.device), self._first_sentence)
 
@@ -446,17 +334,14 @@ def collect(cfg: CollectConfig, model=None, tokenizer=None) -> ActivationStats:
     cfg.validate()
     check_corpora_not_empty(cfg.languages, cfg.text_field)
     rank, world = dist_info()
-    device = resolve_device(cfg.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = rank_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     if model is None:
         model, tokenizer = load_model(cfg.model, device, dtype, cfg.device_map, cfg.trust_remote_code)
     spec = parse_arch_override(cfg.arch) if cfg.arch else None
     adapter = Adapter(model, spec)
     if world > 1:
-        _init_dist(device)
+        init_distributed(device)
     input_device = model.get_input_embeddings().weight.device
     stats_device = input_device
     packing = Packing(cfg.window, cfg.bos, cfg.separator).resolve(tokenizer)
@@ -548,11 +433,11 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
         items = batches_np[i] if items is None else items
         if cfg.unit == "window":
             return Batch(torch.from_numpy(items.astype(np.int64)), None, index=i)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        fill = pad_id(tokenizer)
         # Statistics passes always pad on the right: no query row is fully masked (left padding makes
         # some models, e.g. BLOOM, produce NaN that leaks into real positions), and the statistics of
         # real tokens do not depend on the tokenizer's padding side.
-        ids, mask = pad_sentences(items, pad_id, "right")
+        ids, mask = pad_rows(items, fill, "right")
         return Batch(ids, mask, first_sentence=0 if i is None else i * cfg.batch_size, index=i)
 
     # Sketch calibration on windows (sentences) spread evenly over the whole selection, so that edges
@@ -580,7 +465,8 @@ def _collect_language(cfg, src: LanguageSource, tokenizer, packing: Packing, col
         crash = fault and collector.batches_run == fault
         if time.monotonic() - last_ckpt >= cfg.checkpoint_every or crash:
             ls.save(ckpt)
-            atomic_write_text(ckpt_meta, json.dumps({"key": key, "next_batch": i + 1}))
+            atomic_write_text(ckpt_meta, json.dumps({"format": COLLECT_CHECKPOINT_FORMAT,
+                                                     "key": key, "next_batch": i + 1}))
             last_ckpt = time.monotonic()
         if crash:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -97,7 +97,7 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
     _step("identify random", ["identify", "random", "--of", str(neurons / "lape.json"),
                               "--seed", "0", "--out", str(neurons / "random_lape.json")],
           neurons / "random_lape.json", log)
-    _step("plots", ["neurons", "plot", str(neurons / "lape.json"), "--out-dir", str(out / "plots")],
+    _step("plots", ["neurons", "plot", str(neurons / "lape.json"), "--out", str(out / "plots")],
           out / "plots", log)
     held = model / "heldout"
     held_args = [a for c in langs for a in ("--lang", f"{c}={held / (c + '.txt')}")]

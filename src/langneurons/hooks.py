@@ -6,6 +6,12 @@ interventions) return a replacement tensor. Both reach a site through :class:`~l
 - ``pre``: the input of the activation module;
 - ``act``: the output of the activation module;
 - ``product``: the input of the down projection (gated MLPs; equal to ``act`` otherwise).
+
+Shape contract: every hook function sees ``[B, T, I]``. Architectures that run their MLP on
+flattened tokens (OPT hands its MLP ``[B*T, I]``) are viewed back as ``[B, T, I]`` with the batch
+shape of the current layer call (recorded by pre-hooks on the decoder layers), and a tensor a
+writer returns is reshaped to the module's own shape. A layer called on its own, outside a model
+call, shows its flat tokens as ``[1, N, I]``.
 """
 
 from __future__ import annotations
@@ -18,21 +24,75 @@ import torch
 from .arch import Adapter, check_site
 from .errors import UserError
 
-#: ``fn(layer, activations)`` with activations ``[..., I]`` (batch and sequence dims first).
+#: ``fn(layer, activations)`` with activations ``[B, T, I]``.
 Observer = Callable[[int, torch.Tensor], None]
 #: ``fn(layer, activations) -> new activations`` of the same shape.
 Writer = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+class _CallShape:
+    """The ``(B, T)`` of the forward pass in progress, read by pre-hooks on the decoder layers from
+    their hidden states ``[B, T, H]`` (OPT flattens tokens inside the layer, not before it)."""
+
+    def __init__(self, adapter: Adapter):
+        self.shape: Optional[tuple[int, int]] = None
+        self.users = 0
+        self.handles: list = []
+        self.adapter = adapter
+
+    def _pre(self, module, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        self.shape = (int(h.shape[0]), int(h.shape[1])) if isinstance(h, torch.Tensor) and h.dim() == 3 else None
+        return None
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            self.handles = [m.layer.register_forward_pre_hook(self._pre, with_kwargs=True)
+                            for m in self.adapter.layers]
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+            self.shape = None
+
+
+def _call_shape(adapter: Adapter) -> _CallShape:
+    cs = getattr(adapter, "_call_shape", None)
+    if cs is None:
+        cs = _CallShape(adapter)
+        adapter._call_shape = cs
+    return cs
+
+
+def _as_btI(t: torch.Tensor, cs: _CallShape) -> torch.Tensor:
+    """``t`` as ``[B, T, I]`` (flattened tokens viewed back; see the module docstring)."""
+    if t.dim() != 2:
+        return t
+    s = cs.shape
+    if s is not None and s[0] * s[1] == t.shape[0]:
+        return t.view(s[0], s[1], t.shape[1])
+    return t.view(1, t.shape[0], t.shape[1])
+
+
 def _register(adapter: Adapter, layer: int, site: str, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]):
     module, where = adapter.site_module(layer, site)
+    cs = _call_shape(adapter)
+
+    def call(t: torch.Tensor) -> Optional[torch.Tensor]:
+        new = fn(_as_btI(t, cs))
+        return new.reshape(t.shape) if new is not None and new.shape != t.shape else new
+
     if where == "output":
         def hook(mod, args, output):
-            return fn(output)
+            return call(output)
         return module.register_forward_hook(hook)
 
     def pre_hook(mod, args):
-        new = fn(args[0])
+        new = call(args[0])
         if new is None:
             return None
         return (new,) + tuple(args[1:])
@@ -45,6 +105,8 @@ def _hooked(adapter: Adapter, site: str, layers: list[int], fn: Callable[[int, t
     check_site(site)
     calls = [0] * adapter.num_layers
     handles = []
+    cs = _call_shape(adapter)
+    cs.acquire()
 
     def make(l: int):
         def f(t: torch.Tensor):
@@ -59,6 +121,7 @@ def _hooked(adapter: Adapter, site: str, layers: list[int], fn: Callable[[int, t
     finally:
         for h in handles:
             h.remove()
+        cs.release()
 
 
 def observe(adapter: Adapter, site: str, fn: Observer, layers: Optional[list[int]] = None):

@@ -87,7 +87,7 @@ from .errors import UserError
 from .hooks import write
 from .neuronset import NeuronSet
 
-INTERVENTION_FORMAT = "langneurons.intervention.v1"
+from .artifacts import INTERVENTION_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 POSITIONS = ("all", "prompt", "generated", "last")
 BATCH_SCOPES = ("batch", "sequence")
 STAT_NAMES = ("mean", "std", "min", "max", "p_max", "p_median")

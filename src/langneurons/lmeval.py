@@ -13,6 +13,8 @@ intervention. Model arguments, besides those of ``hf``:
 ``site``         ``act`` (default), ``pre`` or ``product``
 ``positions``    ``all`` (default), ``prompt``, ``generated`` or ``last``
 ``stats_language``  take every value from this language's statistics (default: each neuron's own)
+``arch``         module-path spec for layouts the adapter table does not know (default: the one
+                 recorded in ``neurons``/``stats`` when ``collect`` was given ``--arch``)
 ===============  ===========================================================================
 
 The harness has no plugin discovery, so run it through this module, which registers the model
@@ -36,7 +38,6 @@ intervention cannot tell those pads from tokens there (it is told about padding 
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -88,8 +89,10 @@ class LangneuronsLM(HFLM):
     """
 
     def __init__(self, pretrained, neurons=None, languages=None, operator=None, stats=None, site: str = "act",
-                 positions: str = "all", stats_language: Optional[str] = None, **kwargs):
+                 positions: str = "all", stats_language: Optional[str] = None, arch: Optional[str] = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
+        from .runtime import Session, recorded_arch
+        self.session = Session(self.model, self.tokenizer, arch=arch or recorded_arch(neurons, stats))
         self.intervention = None
         if neurons is not None:
             self.intervention = build_intervention(neurons, languages, operator, stats, site, positions,
@@ -98,10 +101,7 @@ class LangneuronsLM(HFLM):
             raise UserError("model_args has operator= or languages= but no neurons=; add neurons=FILE")
 
     def _intervened(self):
-        if self.intervention is None:
-            return contextlib.nullcontext()
-        from .intervene import intervene
-        return intervene(self.model, self.intervention)
+        return self.session.intervened(self.intervention)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         with self._intervened():

@@ -34,7 +34,7 @@ import torch
 from .atomic import atomic_write_text
 from .errors import UserError
 
-FORMAT = "langneurons.neuronset.v1"
+from .artifacts import NEURONSET_FORMAT as FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 SITES = ("pre", "act", "product")
 
 _MODEL_KEYS = ("name_or_path", "model_type", "num_layers", "width", "site")

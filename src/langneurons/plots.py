@@ -1,9 +1,9 @@
-"""PNG plots: neuron sets per layer, language-by-language matrices, bar charts of scores.
+"""PNG plots: neuron sets per layer, values per layer, language-by-language matrices, bar charts.
 
 matplotlib is an optional dependency (``pip install langneurons[plot]``); it is imported inside
 the functions, and figures are drawn on the Agg canvas directly (no pyplot global state, no
 display needed). Files are written atomically: a temporary file in the target directory, then
-``os.replace``.
+``os.replace``. Layer axes carry integer ticks only (layers are whole numbers).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 from .atomic import atomic_write
 from .errors import UserError
 
-__all__ = ["plot_layer_distribution", "plot_heatmap", "plot_bars"]
+__all__ = ["plot_layer_distribution", "plot_layer_lines", "plot_heatmap", "plot_bars"]
 
 
 def _new_figure(figsize):
@@ -26,6 +26,12 @@ def _new_figure(figsize):
     fig = Figure(figsize=figsize, dpi=100)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _integer_layer_axis(ax) -> None:
+    """Ticks at whole layers only (never 0.5, 1.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save_png(fig, path) -> Path:
@@ -45,6 +51,7 @@ def plot_layer_distribution(ns, path, title: str | None = None) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
     ax.set_xlim(-0.5, ns.num_layers - 0.5)
+    _integer_layer_axis(ax)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     if title is None:
@@ -53,6 +60,36 @@ def plot_layer_distribution(ns, path, title: str | None = None) -> Path:
     ax.set_title(title, fontsize=9)
     if ns.languages:
         ax.legend(fontsize=7, ncol=2 if len(ns.languages) > 6 else 1, loc="best")
+    return _save_png(fig, path)
+
+
+def plot_layer_lines(series, path, ylabel: str = "", title: str = "") -> Path:
+    """One line per name of ``series`` (``{name: ([layer ids], [values])}``; a ``None`` or NaN value
+    breaks the line), layer on the x axis with integer ticks. Returns ``path``."""
+    import math
+
+    nan = float("nan")
+    lines = {str(k): sorted((int(l), nan if v is None else float(v)) for l, v in zip(*xy))
+             for k, xy in series.items()}
+    layers = sorted({l for pts in lines.values() for l, v in pts if not math.isnan(v)})
+    if not layers:
+        raise UserError("plot_layer_lines: no value to plot")
+    fig = _new_figure((max(6.0, 0.18 * len(layers) + 3), 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    markers = "osD^v<>ph*x+"
+    for k, (name, pts) in enumerate(lines.items()):
+        if pts:
+            ax.plot([l for l, _ in pts], [v for _, v in pts], marker=markers[k % len(markers)], markersize=3,
+                    linewidth=1.2, label=name)
+    ax.set_xlabel("layer")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    _integer_layer_axis(ax)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1, loc="best")
     return _save_png(fig, path)
 
 

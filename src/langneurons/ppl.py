@@ -44,13 +44,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
 from .errors import UserError
 from .intervene import Intervention, intervene_rows
 
-PPL_FORMAT = "langneurons.ppl.v1"
+from .artifacts import PPL_FORMAT, PPL_PARTIAL_FORMAT  # noqa: E402 - the tags are defined in the artifact registry
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -65,30 +64,6 @@ def heldout_windows(source: LanguageSource, tokenizer, window: int, max_tokens: 
 
 
 # ------------------------------------------------------------------------------------------ scoring
-@torch.no_grad()
-def sequence_nll(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and predicted-token count per sequence: float64 ``[B]``, int64 ``[B]``.
-
-    Token ``t >= 1`` is predicted from positions ``< t``; it counts iff ``mask[t]`` and ``mask[t-1]``
-    are 1 (no pad label, no prediction from a pad). Log-probabilities in at least float32.
-    """
-    from .collect import forward_kwargs
-    out = model(input_ids=input_ids, use_cache=False, **forward_kwargs(model, attention_mask))
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    labels = input_ids[:, 1:]
-    if attention_mask is not None:
-        valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    else:
-        valid = torch.ones_like(labels, dtype=torch.bool)
-    dt = torch.promote_types(logits.dtype, torch.float32)
-    nll = torch.empty(labels.shape[0], dtype=torch.float64, device=labels.device)
-    for b in range(labels.shape[0]):  # one row at a time keeps the float32 copy of the logits small
-        tok = F.cross_entropy(logits[b, :-1].to(dt), labels[b], reduction="none")
-        nll[b] = tok.masked_fill(~valid[b], 0).sum().double()
-    return nll, valid.sum(1)
-
-
 @dataclass
 class MatrixResult:
     rows: list[str]
@@ -109,22 +84,18 @@ class MatrixResult:
         return self.mean_nll.exp()
 
 
-@torch.no_grad()
-def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], columns: dict[str, np.ndarray],
-                      batch_size: int = 8, adapter=None, progress: bool = False,
-                      done: Optional[dict[str, dict]] = None,
+def perplexity_matrix(session, rows: list[tuple[str, Optional[Intervention]]], columns: dict[str, np.ndarray],
+                      progress: bool = False, done: Optional[dict[str, dict]] = None,
                       on_column: Optional[Callable[[str, dict], None]] = None) -> MatrixResult:
     """NLL of every row (intervention or ``None``) on every column's windows, stacked in passes of
-    ``batch_size`` sequences (see the module docstring).
+    ``session.batch_size`` sequences (see the module docstring) through the runtime's token-NLL pass.
 
+    Data parallel under torchrun: rank ``r`` runs passes ``r, r + W, ...`` of each column and every
+    rank adds the gathered per-pass sums in pass order, so the matrix equals a one-process run.
     Resuming: ``done`` maps a column to its finished result (``{"nll": [R floats], "tokens": int,
     "windows": int}``), which is used instead of recomputing it; ``on_column(code, result)`` is called
     as each column finishes, so that a caller can checkpoint it."""
-    from .arch import Adapter
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    adapter = adapter if adapter is not None else Adapter(model)
-    device = model.get_input_embeddings().weight.device
+    batch_size = session.batch_size
     R = len(rows)
     nll = torch.zeros(R, len(columns), dtype=torch.float64)
     tokens, nwin = [], []
@@ -132,11 +103,11 @@ def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], col
     t0 = time.perf_counter()
     bar = None
     done = done or {}
-    if progress:
+    if progress and session.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(R * len(w) for c, w in columns.items() if c not in done), unit="seq", desc="ppl",
                    dynamic_ncols=True, mininterval=1.0)
-    with intervene_rows(model, [iv for _, iv in rows], adapter=adapter) as ctl:
+    with session.intervened_rows([iv for _, iv in rows]) as ctl:
         for c, (code, windows) in enumerate(columns.items()):
             if code in done:
                 nll[:, c] = torch.tensor(done[code]["nll"], dtype=torch.float64)
@@ -147,19 +118,19 @@ def perplexity_matrix(model, rows: list[tuple[str, Optional[Intervention]]], col
             n = W.shape[0]
             pair_row = torch.arange(R).repeat_interleave(n)
             pair_win = torch.arange(n).repeat(R)
-            count = None
-            for s in range(0, R * n, batch_size):
-                r_idx, w_idx = pair_row[s:s + batch_size], pair_win[s:s + batch_size]
-                ids = W[w_idx].to(device)
-                ctl.assign(r_idx)
-                seq_nll, seq_n = sequence_nll(model, ids)
-                nll[:, c].index_add_(0, r_idx, seq_nll.cpu())
-                if count is None:
-                    count = int(seq_n[0])  # windows have equal length and no padding
-                passes += 1
-                seqs += ids.shape[0]
-                if bar is not None:
-                    bar.update(ids.shape[0])
+
+            def run(k: int, idx: list[int]) -> dict:
+                ctl.assign(pair_row[idx])
+                seq_nll, seq_n = session.token_nll(W[pair_win[idx]])
+                return {k: (seq_nll.cpu(), int(seq_n[0]))}    # windows have equal length and no padding
+
+            batches = [list(range(s, min(s + batch_size, R * n))) for s in range(0, R * n, batch_size)]
+            per_pass = session.map_batches(batches, run, progress=bar.update if bar is not None else None)
+            for k in range(len(batches)):                   # pass order: the same sums on every rank
+                nll[:, c].index_add_(0, pair_row[batches[k]], per_pass[k][0])
+            count = per_pass[0][1] if batches else 0
+            passes += len(batches)
+            seqs += R * n
             tokens.append(count * n)
             nwin.append(n)
             if on_column is not None:
@@ -210,6 +181,9 @@ class PPLConfig:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    arch: Optional[str] = None
+    device_map: Optional[str] = None
+    trust_remote_code: bool = False
     seed: int = 0
     cache_dir: Optional[Path] = None
     progress: bool = True
@@ -217,8 +191,8 @@ class PPLConfig:
 
 def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     """Load everything, compute the matrix, write ``OUT/ppl.json`` and ``OUT/ppl.png``; return the record."""
-    from .arch import Adapter
-    from .collect import check_run_options, load_model, resolve_device, resolve_dtype
+    from .collect import check_run_options
+    from .runtime import ModelOptions, model_fingerprint, open_session
     from .intervene import parse_operator
     from .neuronset import NeuronSet, random_control
     from .plots import plot_heatmap
@@ -242,10 +216,10 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     if op.needs_stats and stats is None:
         raise UserError(f"operator {op.spec!r} needs activation statistics; pass --stats DIR")
 
-    device = resolve_device(cfg.device)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    adapter = Adapter(model)
+    session = open_session(ModelOptions(cfg.model, cfg.arch, cfg.dtype, cfg.device, cfg.device_map,
+                                        cfg.trust_remote_code), arch_from=(cfg.neurons, cfg.stats),
+                           batch_size=cfg.batch_size, model=model, tokenizer=tokenizer)
+    model, tokenizer, adapter = session.model, session.tokenizer, session.adapter
     ns.validate_for(adapter.num_layers, adapter.width)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and cfg.window > max_pos:
@@ -270,7 +244,6 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     # Resume: every finished column is checkpointed in OUT/.partial/ppl.json under a key of everything
     # that determines it (model, rows, their interventions, the column's windows); a rerun of the same
     # command recomputes only the missing columns.
-    from .collect import model_fingerprint
     key_doc = {"model": model_fingerprint(model), "rows": [name for name, _ in rows],
                "neurons": hashlib.sha256(Path(cfg.neurons).read_bytes()).hexdigest(), "operator": op.spec,
                "site": cfg.site, "stats": stats.fingerprint if stats is not None else None,
@@ -292,13 +265,15 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
 
     def checkpoint(code: str, result: dict) -> None:
         done[code] = result
-        atomic_write_text(partial, json.dumps({"key": key, "columns": done}))
+        if session.is_main:
+            atomic_write_text(partial, json.dumps({"format": PPL_PARTIAL_FORMAT, "key": key, "columns": done}))
 
     resumed = list(done)
-    res = perplexity_matrix(model, rows, columns, batch_size=cfg.batch_size, adapter=adapter,
-                            progress=cfg.progress, done=dict(done), on_column=checkpoint)
+    res = perplexity_matrix(session, rows, columns, progress=cfg.progress, done=dict(done), on_column=checkpoint)
     record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, op.spec, adapter)
     record["work"]["resumed_columns"] = resumed     # taken from the checkpoint of an interrupted run
+    if not session.is_main:
+        return record
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ppl.json", json.dumps(record, indent=1, ensure_ascii=False))
     main_rows = ["baseline"] + row_langs + ([f"random:{c}" for c in row_langs] if cfg.random_seeds else [])

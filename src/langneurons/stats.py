@@ -82,7 +82,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_write
 from .errors import UserError
 
-STATS_FORMAT = "langneurons.stats.v1"
+from .artifacts import STATS_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 DEFAULT_SKETCH_BINS = 128
 SKETCH_KINDS = ("quantile", "uniform")
 CALIBRATION_RANGE = (0.005, 0.995)
@@ -715,9 +715,14 @@ class ActivationStats:
 
     @property
     def model_info(self) -> dict:
-        """The ``model`` block of a neuron-set file made from these statistics."""
+        """The ``model`` block of a neuron-set file made from these statistics (with ``arch``, the
+        module-path spec, when ``collect`` was given ``--arch``: later commands read it back)."""
         m = self.meta["model"]
-        return {k: m[k] for k in ("name_or_path", "model_type", "num_layers", "width", "site")}
+        info = {k: m[k] for k in ("name_or_path", "model_type", "num_layers", "width", "site")}
+        if m.get("adapter") == "override" and isinstance(m.get("arch"), dict):   # --arch given at collect time
+            from .arch import ArchSpec
+            info["arch"] = ArchSpec(**m["arch"]).describe()
+        return info
 
     @property
     def fingerprint(self) -> str:

@@ -70,9 +70,9 @@ import torch
 
 from .errors import UserError
 from .jsonl import iter_jsonl, read_jsonl
-from .intervene import Intervention, intervene
+from .intervene import Intervention
 
-STEER_FORMAT = "langneurons.steer.v1"
+from .artifacts import STEER_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 NO_SPACE = {"zh", "ja", "th", "lo", "km", "my", "bo", "yue", "wuu"}
 LIST_SEP = {"zh": "、", "ja": "、", "ar": "، ", "fa": "، ", "ur": "، "}
 DEFAULT_SWEEP = ("set:p_max", "set:p_median", "set:p_max*2", "set:p_max*4", "set:p90", "scale:2", "scale:4",
@@ -274,63 +274,22 @@ def build_muse_cloze(muse_dir, languages: Sequence[str], n_items: int = 100, con
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context ids (with the tokenizer's special tokens) and continuation ids.
-
-    Whitespace at the end of the context moves to the continuation; the pair is encoded whole and
-    split at the context length when the context's ids are a prefix of the whole (else the
-    continuation is encoded alone).
-    """
-    stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
-    ctx = tokenizer(stripped)["input_ids"]
-    whole = tokenizer(stripped + continuation)["input_ids"]
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        return list(ctx), list(whole[len(ctx):])
-    return list(ctx), list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-
-
-@torch.no_grad()
-def continuation_loglik(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> torch.Tensor:
+def continuation_loglik(session, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
     """``sum_t log p(c_t | context, c_<t)`` of every ``(context, continuation)``: float64 ``[N]``.
 
-    Right padding; the continuation starts at offset ``len(context ids)``; positions from the mask.
+    The runtime's one log-likelihood pass (:meth:`langneurons.runtime.Session.loglikelihood`).
     """
-    from .collect import forward_kwargs, pad_sentences
-    enc = [_encode_pair(tokenizer, c, o) for c, o in pairs]
-    out = torch.zeros(len(enc), dtype=torch.float64)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = model.get_input_embeddings().weight.device
-    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        seqs = [enc[i][0] + enc[i][1] for i in idx]
-        ids, mask = pad_sentences(seqs, pad, "right")
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, use_cache=False, **forward_kwargs(model, mask)).logits
-        dt = torch.promote_types(logits.dtype, torch.float32)
-        for row, i in enumerate(idx):
-            c0, n = len(enc[i][0]), len(enc[i][1])
-            if n == 0:
-                continue
-            lp = torch.log_softmax(logits[row, c0 - 1: c0 - 1 + n].to(dt), -1)
-            tgt = ids[row, c0: c0 + n]
-            out[i] = lp.gather(-1, tgt[:, None]).sum().double().cpu()
-    return out
+    return torch.tensor([ll for ll, _ in session.loglikelihood(pairs)], dtype=torch.float64)
 
 
-def _pairs_for(items: Sequence[ClozeItem], s: str, k: str) -> tuple[list[int], list[tuple[str, str]]]:
-    keep = [i for i, it in enumerate(items) if s in it.prompts and k in it.objects]
-    return keep, [(items[i].prompts[s], items[i].sep(s) + items[i].objects[k]) for i in keep]
-
-
-def lss(model, tokenizer, items: Sequence[ClozeItem], languages: Sequence[str],
-        make_intervention: Callable[[str], Optional[Intervention]], batch_size: int = 16, adapter=None,
-        baseline: Optional[dict] = None) -> dict:
+def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
+        make_intervention: Callable[[str], Optional[Intervention]], baseline: Optional[dict] = None) -> dict:
     """Language Steering Shift of every (source, target) pair (module docstring).
 
     ``make_intervention(t)`` gives the intervention that steers toward ``t``. ``baseline``: a dict
-    from a previous call (key ``"_ll0"``) to reuse the unsteered log-likelihoods.
+    from a previous call (key ``"_ll0"``) to reuse the unsteered log-likelihoods. The unsteered pass of
+    target ``t`` scores exactly the pairs of the steered pass in the same batches, so an intervention
+    that changes nothing gives ``D1 == D0`` bit for bit (a tie, which fails) whatever the batching.
     Returns ``{"lss": [K][K] (None on the diagonal), "lss_by_target", "lss_mean", "mean_shift",
     "items": [K][K] item counts, "_ll0": cache}``.
     """
@@ -338,18 +297,11 @@ def lss(model, tokenizer, items: Sequence[ClozeItem], languages: Sequence[str],
     K = len(langs)
     ll0 = dict(baseline or {})
 
-    def base_ll(s, k):
-        if (s, k) not in ll0:
-            keep, pairs = _pairs_for(items, s, k)
-            ll0[(s, k)] = dict(zip(keep, continuation_loglik(model, tokenizer, pairs, batch_size).tolist()))
-        return ll0[(s, k)]
-
     M = [[None] * K for _ in range(K)]
     shift = [[None] * K for _ in range(K)]
     counts = [[0] * K for _ in range(K)]
     for b, t in enumerate(langs):
         iv = make_intervention(t)
-        ctx = intervene(model, iv, adapter=adapter) if iv is not None else None
         srcs = [s for s in langs if s != t]
         # pairs needed under the intervention: (q_s, o_t) and (q_s, o_s) on items having s and t
         jobs = []
@@ -360,21 +312,21 @@ def lss(model, tokenizer, items: Sequence[ClozeItem], languages: Sequence[str],
         for s, keep in jobs:
             pairs += [(items[i].prompts[s], items[i].sep(s) + items[i].objects[t]) for i in keep]
             pairs += [(items[i].prompts[s], items[i].sep(s) + items[i].objects[s]) for i in keep]
-        if ctx is not None:
-            with ctx:
-                ll1 = continuation_loglik(model, tokenizer, pairs, batch_size).tolist()
-        else:
-            ll1 = continuation_loglik(model, tokenizer, pairs, batch_size).tolist()
+        with session.intervened(iv):
+            ll1 = continuation_loglik(session, pairs).tolist()
+        if t not in ll0:
+            ll0[t] = continuation_loglik(session, pairs).tolist()
+        base = ll0[t]
         pos = 0
         for s, keep in jobs:
             n = len(keep)
             to_t, to_s = ll1[pos:pos + n], ll1[pos + n:pos + 2 * n]
+            b0t, b0s = base[pos:pos + n], base[pos + n:pos + 2 * n]
             pos += 2 * n
-            b0t, b0s = base_ll(s, t), base_ll(s, s)
             wins, d = 0, 0.0
-            for j, i in enumerate(keep):
+            for j in range(n):
                 d1 = to_t[j] - to_s[j]
-                d0 = b0t[i] - b0s[i]
+                d0 = b0t[j] - b0s[j]
                 wins += (d1 - d0) > 0
                 d += d1 - d0
             a = langs.index(s)
@@ -392,63 +344,33 @@ def lss(model, tokenizer, items: Sequence[ClozeItem], languages: Sequence[str],
 
 
 # ------------------------------------------------------------------------------------------ generation
-@torch.no_grad()
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, sample: bool = False,
-                   seed: int = 0, batch_size: int = 16, intervention=None, adapter=None,
-                   use_cache: bool = True) -> list[str]:
-    """Continuations (new text only) of ``prompts``; left padding; under ``intervention`` if given.
+def generate_texts(session, prompts: Sequence[str], max_new_tokens: int = 32, sample: bool = False,
+                   seed: int = 0, intervention=None) -> list[str]:
+    """Continuations (new text only) of ``prompts`` under ``intervention`` if given
+    (:meth:`langneurons.runtime.Session.generate`).
 
     Sampling (``sample=True``: temperature 1, full distribution) is seeded per batch, so a run with
     and without intervention draws the same random numbers.
     """
-    from .collect import pad_sentences
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = model.get_input_embeddings().weight.device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    outs = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        seqs = []
-        for p in chunk:
-            ids = list(tokenizer(p)["input_ids"])
-            seqs.append(ids or [start])
-        ids, mask = pad_sentences(seqs, pad, "left")
-        ids, mask = ids.to(device), mask.to(device)
-        kw = dict(attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, use_cache=use_cache)
-        if sample:
-            kw.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-        else:
-            kw.update(do_sample=False)
-        torch.manual_seed(seed + s)
-        if intervention is not None:
-            with intervene(model, intervention, adapter=adapter):
-                gen = model.generate(ids, **kw)
-        else:
-            gen = model.generate(ids, **kw)
-        for row in gen[:, ids.shape[1]:]:
-            outs.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
-    return outs
+    with session.intervened(intervention):
+        return session.generate(list(prompts), max_new_tokens, sample=sample, seed=seed)
 
 
-def generation_shares(model, tokenizer, languages: Sequence[str],
-                      make_intervention: Callable[[str], Optional[Intervention]],
+def generation_shares(session, languages: Sequence[str], make_intervention: Callable[[str], Optional[Intervention]],
                       prompts: Sequence[str] = DEFAULT_NEUTRAL_PROMPTS, samples: int = 8, max_new_tokens: int = 32,
-                      seed: int = 0, batch_size: int = 16, identifier=None, adapter=None,
-                      baseline: Optional[dict] = None) -> dict:
+                      seed: int = 0, identifier=None, baseline: Optional[dict] = None) -> dict:
     """Share of generations identified as the target language, steered vs baseline (module docstring)."""
     from .langid import LanguageIdentifier
     langs = list(languages)
     idf = identifier or LanguageIdentifier(langs)
     runs = [p for p in prompts for _ in range(samples)]
     if baseline is None:
-        texts = generate_texts(model, tokenizer, runs, max_new_tokens, sample=True, seed=seed,
-                               batch_size=batch_size, adapter=adapter)
+        texts = generate_texts(session, runs, max_new_tokens, sample=True, seed=seed)
         baseline = {"share": idf.shares(texts), "examples": texts[: min(4, len(texts))]}
     share, examples = {}, {}
     for t in langs:
         iv = make_intervention(t)
-        texts = generate_texts(model, tokenizer, runs, max_new_tokens, sample=True, seed=seed,
-                               batch_size=batch_size, intervention=iv, adapter=adapter)
+        texts = generate_texts(session, runs, max_new_tokens, sample=True, seed=seed, intervention=iv)
         share[t] = idf.shares(texts)[t]
         examples[t] = texts[: min(4, len(texts))]
     delta = {t: share[t] - baseline["share"][t] for t in langs}
@@ -492,11 +414,10 @@ def build_interventions(ns, stats, languages: Sequence[str], operators: Sequence
     return ivs, skipped
 
 
-def evaluate_steering(model, tokenizer, interventions: dict[str, dict[str, Intervention]], languages: Sequence[str],
+def evaluate_steering(session, interventions: dict[str, dict[str, Intervention]], languages: Sequence[str],
                       items: Optional[Sequence[ClozeItem]] = None, generation: bool = False,
                       neutral_prompts: Sequence[str] = DEFAULT_NEUTRAL_PROMPTS, samples: int = 8,
-                      max_new_tokens: int = 32, seed: int = 0, batch_size: int = 16, adapter=None,
-                      progress: bool = False, identifier=None) -> dict:
+                      max_new_tokens: int = 32, seed: int = 0, progress: bool = False, identifier=None) -> dict:
     """LSS (when ``items``) and generation shares (when ``generation``) of every operator, and the
     best operator per target. Baseline scores are computed once and shared by every operator."""
     import sys
@@ -508,18 +429,17 @@ def evaluate_steering(model, tokenizer, interventions: dict[str, dict[str, Inter
         t0 = time.perf_counter()
         res: dict = {}
         if items:
-            r = lss(model, tokenizer, items, langs, per_target.get, batch_size=batch_size, adapter=adapter,
-                    baseline=ll0)
+            r = lss(session, items, langs, per_target.get, baseline=ll0)
             ll0 = r.pop("_ll0")
             res.update(r)
         if generation:
-            g = generation_shares(model, tokenizer, langs, per_target.get, neutral_prompts, samples, max_new_tokens,
-                                  seed, batch_size, identifier=identifier, adapter=adapter, baseline=gen0)
+            g = generation_shares(session, langs, per_target.get, neutral_prompts, samples, max_new_tokens,
+                                  seed, identifier=identifier, baseline=gen0)
             gen0 = g.pop("_baseline")
             res["generation"] = g
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[op] = res
-        if progress:
+        if progress and session.is_main:
             parts = []
             if items:
                 parts.append(f"LSS mean {res['lss_mean']:.3f}" if res.get("lss_mean") is not None else "LSS n/a")

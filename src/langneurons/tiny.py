@@ -21,6 +21,7 @@ import torch
 
 from .corpus import LanguageSource, iter_documents
 from .errors import UserError
+from .artifacts import TINY_FORMAT
 from .atomic import atomic_write_text
 
 #: Bump when a change alters what the same command trains (caches of trained models key on it).
@@ -102,7 +103,7 @@ def train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progre
 def _train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .collect import quiet_transformers
+    from .runtime import quiet_transformers
     quiet_transformers()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "langneurons_train.json").is_file():
@@ -175,7 +176,7 @@ def _train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progr
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    record = {"format": "langneurons.tiny.v1", "languages": {s.code: s.spec for s in sources},
+    record = {"format": TINY_FORMAT, "languages": {s.code: s.spec for s in sources},
               "config": asdict(cfg), "train_seconds": round(time.time() - t0, 1),
               "loss_first": losses[0], "loss_last_50": float(np.mean(losses[-50:])),
               "loss_curve": [round(v, 4) for v in losses[:: max(1, len(losses) // 100)]]}

@@ -167,35 +167,6 @@ def run_bli(generate: Generate, pairs, src: str, trg: str, bridges: Sequence[Opt
 
 
 # ------------------------------------------------------------------------------------------ models
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    raise UserError("the tokenizer has neither a pad nor an eos token; batching needs one of them")
-
-
-def _left_pad(tokenizer, prompts: Sequence[str], device, ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..collect import pad_sentences
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if ids is None else ids
-    if any(len(x) == 0 for x in ids):
-        raise UserError("a prompt tokenised to zero tokens; check the tokenizer")
-    input_ids, mask = pad_sentences(ids, _pad_id(tokenizer), "left")
-    return input_ids.to(device), mask.to(device)
-
-
-class _NewlineStop:
-    """Stopping criterion: a row is done once its generated text contains a newline."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_len:]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return torch.tensor(["\n" in t for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
 class _HealFirstToken:
     """Logits processor: at the first generated position, row ``b`` may only produce tokens whose
     text starts with ``prefixes[b]`` (the prompt's last token, taken back: token healing)."""
@@ -211,13 +182,12 @@ class _HealFirstToken:
 
 
 class HFGenerator:
-    """Greedy generation with a HF causal LM: ``gen(prompts) -> continuations``.
+    """Greedy generation through the runtime: ``gen(prompts) -> continuations``.
 
-    Prompts are tokenised with the tokenizer's special tokens (BOS), left-padded with an
-    attention mask (``generate`` derives position ids from the mask, so padding does not change
-    the result) and run ``batch_size`` at a time.  Each row stops at its first newline or after
-    ``max_new_tokens``; the returned text is the decoded continuation (special tokens skipped)
-    cut before the first newline.
+    Prompts are read as the runtime reads them (BOS when the tokenizer adds one), left-padded and
+    run ``session.batch_size`` at a time (:meth:`langneurons.runtime.Session.generate`). Each row
+    stops at its first newline or after ``max_new_tokens``; the returned text is the decoded
+    continuation (special tokens skipped) cut before the first newline.
 
     ``token_healing``: a prompt that ends in ``{T}:`` stops at a token boundary the model may rarely
     see in text, when the tokenizer merges ``:`` with what usually follows (``:"`` is one token in
@@ -226,23 +196,23 @@ class HFGenerator:
     Off by default ([X25] prompts the model as is).
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 8, batch_size: int = 16, token_healing: bool = False):
-        if max_new_tokens < 1 or batch_size < 1:
-            raise UserError("--max-new-tokens and --batch-size must be at least 1")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
-        self.device = model.get_input_embeddings().weight.device
+    def __init__(self, session, max_new_tokens: int = 8, token_healing: bool = False):
+        if max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+        self.session = session
+        self.max_new_tokens = int(max_new_tokens)
         self.token_healing = bool(token_healing)
         self._vocab_text: Optional[list[str]] = None
 
     def _healed(self, prompts: Sequence[str]):
         """Token ids without each prompt's last token, that token's text, and the allowed first tokens."""
-        tok = self.tokenizer
+        tok = self.session.tokenizer
         if self._vocab_text is None:
             self._vocab_text = [tok.decode([i]) for i in range(len(tok))]
+        specials = set(tok.all_special_ids)
         ids, prefixes = [], []
-        for x in tok(list(prompts), add_special_tokens=True)["input_ids"]:
-            specials = set(tok.all_special_ids)
+        for p in prompts:
+            x = self.session.prompt_ids(p)
             if len(x) >= 2 and x[-1] not in specials:
                 prefixes.append(tok.decode(x[-1:]))
                 x = x[:-1]
@@ -252,62 +222,26 @@ class HFGenerator:
         allowed = torch.tensor([[t.startswith(p) for t in self._vocab_text] for p in prefixes], dtype=torch.bool)
         return ids, prefixes, allowed
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> list[str]:
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-        out: list[str] = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i:i + self.batch_size]
-            prefixes, processors = [""] * len(chunk), []
-            if self.token_healing:
-                token_ids, prefixes, allowed = self._healed(chunk)
-                ids, mask = _left_pad(self.tokenizer, chunk, self.device, ids=token_ids)
-                processors.append(_HealFirstToken(allowed, ids.shape[1]))
-            else:
-                ids, mask = _left_pad(self.tokenizer, chunk, self.device)
-            gen = self.model.generate(   # with healing, one more token: the first one re-creates the prompt's last
-                input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens + bool(self.token_healing),
-                do_sample=False,
-                num_beams=1, pad_token_id=_pad_id(self.tokenizer),
-                stopping_criteria=StoppingCriteriaList([_NewlineStop(self.tokenizer, ids.shape[1])]),
-                logits_processor=LogitsProcessorList(processors),
-                temperature=None, top_p=None, top_k=None)
-            texts = self.tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-            out.extend((t[len(p):] if t.startswith(p) else t).split("\n", 1)[0] for t, p in zip(texts, prefixes))
-        return out
+        if not self.token_healing:
+            return self.session.generate(list(prompts), self.max_new_tokens, stop=("\n",))
+        ids, prefixes, allowed = self._healed(prompts)
+        # one more token: the first one re-creates the prompt's last
+        texts = self.session.generate(ids=ids, max_new_tokens=self.max_new_tokens + 1,
+                                      logits_processor=lambda T, idx: [_HealFirstToken(allowed[idx], T)])
+        return [(t[len(p):] if t.startswith(p) else t).split("\n", 1)[0] for t, p in zip(texts, prefixes)]
 
 
 class HFChoiceScorer:
-    """Multiple choice by next-token argmax: ``choose(prompts) -> [0..3]``.
+    """Multiple choice by next-token argmax over the letters A-D: ``choose(prompts) -> [0..3]``
+    (:meth:`langneurons.runtime.Session.choose`, the one letter rule of every task)."""
 
-    For each prompt (ending in ``Answer:``), the logits of the next token are compared at the
-    token ids of the letters A-D as they follow ``Answer:`` (the first token of ``" A"`` etc.,
-    skipping a leading token that decodes to whitespace only); the largest wins.
-    """
+    def __init__(self, session, letters: Sequence[str] = LETTERS):
+        self.session, self.letters = session, tuple(letters)
+        session.letter_ids(self.letters)      # a tokenizer that cannot tell the letters apart fails here
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, letters: Sequence[str] = LETTERS):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, int(batch_size)
-        self.device = model.get_input_embeddings().weight.device
-        ids = []
-        for letter in letters:
-            toks = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
-            if len(toks) > 1 and not tokenizer.decode(toks[:1]).strip():
-                toks = toks[1:]
-            ids.append(int(toks[0]))
-        if len(set(ids)) != len(ids):
-            raise UserError(f"the letters {list(letters)} share a first token ({ids}); this tokenizer cannot score "
-                            "A-D by next-token argmax")
-        self.letter_ids = torch.tensor(ids, device=self.device)
-
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> list[int]:
-        from ..collect import forward_kwargs
-        out: list[int] = []
-        for i in range(0, len(prompts), self.batch_size):
-            ids, mask = _left_pad(self.tokenizer, prompts[i:i + self.batch_size], self.device)
-            logits = self.model(input_ids=ids, use_cache=False, **forward_kwargs(self.model, mask)).logits
-            out.extend(logits[:, -1, self.letter_ids].argmax(-1).tolist())
-        return out
+        return self.session.choose(list(prompts), self.letters)
 
 
 # ------------------------------------------------------------------------------------------ MRC

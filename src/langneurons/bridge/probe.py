@@ -20,7 +20,7 @@ For a language pair (s, t):
    pipeline anyway, and read the recorded ``filter`` before interpreting results.
 3. For the kept probes, one forward pass over the prompt (left-padded batches with attention
    mask and mask-derived position ids) records the activation at ``site`` and averages it over
-   the prompt tokens (:func:`prompt_mean_activations`):
+   the prompt tokens (:meth:`langneurons.runtime.Session.mean_activations`):
 
    ``A[l, j, n] = (1/|P_n|) * sum_{p in P_n} act_{l, j}(prompt_n, p)``
 
@@ -49,12 +49,12 @@ from ..stats import atomic_save_tensors
 from .icl import Generate, extract_answer, group_pairs, is_correct, translation_prompt
 
 __all__ = ["FILTERS", "SPLITS", "PROBE_FORMAT", "read_dictionary_file", "muse_file", "load_dictionary",
-           "prompt_mean_activations", "ProbeSet", "build_probes", "probe_paths"]
+           "ProbeSet", "build_probes", "probe_paths"]
 
 FILTERS = ("correct", "all", "none")
 #: MUSE splits: the full dictionary, the 0-5000 (train) and 5000-6500 (test) source-word ranges.
 SPLITS = {"full": None, "train": "0-5000", "test": "5000-6500"}
-PROBE_FORMAT = "langneurons.bridge.probes.v1"
+from ..artifacts import PROBE_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 
 
 # ------------------------------------------------------------------------------------- dictionaries
@@ -150,51 +150,6 @@ def select_words(entries: Mapping[str, Sequence[str]], limit: Optional[int], shu
     return OrderedDict((w, list(entries[w])) for w in words)
 
 
-# ------------------------------------------------------------------------------------- activations
-@torch.no_grad()
-def prompt_mean_activations(model, tokenizer, prompts: Sequence[str], site: str = "act", batch_size: int = 16,
-                            include_special: bool = False, adapter=None) -> torch.Tensor:
-    """Mean activation over each prompt's tokens: float32 ``[L, I, N]`` (formula in the module docstring).
-
-    Every prompt is tokenised with the tokenizer's special tokens (as the model sees it when
-    generating); positions holding special tokens (BOS, ...) are averaged too only if
-    ``include_special``.  Batches are left-padded; padding never enters a mean.
-    """
-    from ..arch import Adapter
-    from ..collect import forward_kwargs, pad_sentences
-    from ..hooks import check_fired, observe
-    from .icl import _pad_id
-
-    adapter = adapter or Adapter(model)
-    L, I = adapter.num_layers, adapter.width
-    base = getattr(model, "base_model", model)
-    device = model.get_input_embeddings().weight.device
-    enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids or [])), dtype=torch.long)
-    out = torch.zeros(L, I, len(enc), dtype=torch.float32)
-    for start in range(0, len(enc), batch_size):
-        ids_list = enc[start:start + batch_size]
-        ids, mask = pad_sentences(ids_list, _pad_id(tokenizer), "left")
-        weight = mask.clone().float()                                     # [B, T], 0 on padding
-        if not include_special and special.numel():
-            weight[torch.isin(ids, special)] = 0.0
-        counts = weight.sum(1)
-        if bool((counts == 0).any()):
-            bad = int((counts == 0).nonzero()[0, 0]) + start
-            raise UserError(f"prompt {bad} ({prompts[bad]!r}) has no non-special tokens to average over")
-        w = (weight / counts[:, None]).to(device)
-        stop = start + len(ids_list)
-
-        def fn(layer: int, t: torch.Tensor) -> None:
-            # t: [B, T, I]; mean over real prompt tokens -> [B, I]
-            out[layer, :, start:stop] = torch.einsum("bti,bt->ib", t.float(), w).cpu()
-
-        with observe(adapter, site, fn) as calls:
-            base(input_ids=ids.to(device), use_cache=False, **forward_kwargs(base, mask.to(device)))
-        check_fired(calls, list(range(L)))
-    return out
-
-
 # ------------------------------------------------------------------------------------- probe sets
 def probe_paths(directory, src: str, trg: str) -> tuple[Path, Path]:
     d = Path(directory)
@@ -247,17 +202,15 @@ class ProbeSet:
         return cls(acts, doc, probes)
 
 
-def build_probes(model, tokenizer, entries: Mapping[str, Sequence[str]], src: str, trg: str,
+def build_probes(session, entries: Mapping[str, Sequence[str]], src: str, trg: str,
                  names: Mapping[str, str], filter: str = "correct", generate: Optional[Generate] = None,
-                 site: str = "act", batch_size: int = 16, include_special: bool = False,
+                 site: str = "act", include_special: bool = False,
                  max_probes: Optional[int] = None, extra_meta: Optional[dict] = None) -> ProbeSet:
     """Translate, filter and record probes for ``src -> trg`` (steps 2-3 of the module docstring).
 
     ``generate`` is needed unless ``filter == "none"``.  ``max_probes`` caps the kept probes
     (first ones in word order).  Raises :class:`UserError` when no probe survives.
     """
-    from ..arch import Adapter
-
     if filter not in FILTERS:
         raise UserError(f"unknown --filter {filter!r}; use one of {', '.join(FILTERS)}")
     words = list(entries)
@@ -280,9 +233,8 @@ def build_probes(model, tokenizer, entries: Mapping[str, Sequence[str]], src: st
     if not kept:
         raise UserError(f"the model translated none of the {len(records)} {src}->{trg} words correctly, so no probe "
                         "is left; use --filter all (keep every word) or a larger --limit/model")
-    adapter = Adapter(model)
-    acts = prompt_mean_activations(model, tokenizer, [r["prompt"] for r in kept], site=site, batch_size=batch_size,
-                                   include_special=include_special, adapter=adapter)
+    adapter = session.adapter
+    acts = session.mean_activations([r["prompt"] for r in kept], site=site, include_special=include_special)
     meta = {"src": src, "trg": trg, "names": {src: S, trg: T}, "site": site, "filter": filter,
             "filter_rule": "exact match after stripping quotes/whitespace, case-insensitive (NFC, casefold), "
                            "against any reference translation",

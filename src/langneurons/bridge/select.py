@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..artifacts import RANKING_FORMAT
 from ..errors import UserError
 from ..atomic import atomic_write_text
 from .hsic import VARIANTS, hsic_matrix, layer_score
@@ -121,8 +122,9 @@ def rank_bridges(acts: torch.Tensor, masks: Mapping[str, torch.Tensor], s: str, 
 
     Candidates equal to ``s`` or ``t`` are dropped (a bridge must be a third language).
 
-    Returns ``{"src", "trg", "selected" (code or None if every score is NaN), "ranking": [{"bridge",
-    "score", "rank", "layers_used", "per_layer"}], "overlap_per_layer", "layers", "definition", "hsic"}``.
+    Returns ``{"format", "src", "trg", "selected" (code or None if every score is NaN), "ranking":
+    [{"bridge", "score", "rank", "layers_used", "per_layer"}], "overlap_per_layer", "layers", "definition",
+    "hsic"}``.
     """
     if variant not in VARIANTS:
         raise UserError(f"unknown --hsic {variant!r}; use one of {', '.join(VARIANTS)}")
@@ -140,7 +142,8 @@ def rank_bridges(acts: torch.Tensor, masks: Mapping[str, torch.Tensor], s: str, 
         r["rank"] = i
         del r["order"]
     selected = rows[0]["bridge"] if not math.isnan(rows[0]["score"]) else None
-    return {"src": s, "trg": t, "selected": selected, "ranking": rows, "layers": [int(l) for l in layers],
+    return {"format": RANKING_FORMAT, "src": s, "trg": t, "selected": selected, "ranking": rows,
+            "layers": [int(l) for l in layers],
             "overlap_per_layer": {int(l): int(x[l].sum()) for l in layers}, "definition": definition.as_dict(),
             "hsic": variant, "sigma": sigma if sigma is not None else "median"}
 
@@ -156,8 +159,9 @@ def _json_safe(obj):
 
 
 def save_ranking(result: dict, path) -> Path:
-    """Write a ranking as JSON (NaN scores as ``null``)."""
-    atomic_write_text(path, json.dumps(_json_safe(result), ensure_ascii=False, indent=1))
+    """Write a ranking as JSON (format ``langneurons.bridge.ranking.v1``; NaN scores as ``null``)."""
+    doc = {"format": RANKING_FORMAT, **result}
+    atomic_write_text(path, json.dumps(_json_safe(doc), ensure_ascii=False, indent=1))
     return Path(path)
 
 

@@ -12,7 +12,8 @@ For the K languages with top-prob masks ``T_k`` (bool ``[L, I]``) and activation
   NaN when no layer has neurons of both languages.  The score is symmetric in (k, k'), so only
   ``k <= k'`` is computed.
 
-:func:`save_spectrum` writes ``spectrum.json`` and one heatmap PNG per matrix.
+:func:`save_spectrum` writes ``spectrum.json`` (format ``langneurons.bridge.spectrum.v1``) and one
+heatmap PNG per matrix.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..artifacts import SPECTRUM_FORMAT
 from ..errors import UserError
 from ..atomic import atomic_write_text
 from .select import bridge_score
@@ -81,7 +83,7 @@ def save_spectrum(result: dict, out_dir, plots: bool = True) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     langs = result["languages"]
-    doc = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+    doc = {"format": SPECTRUM_FORMAT, **{k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}}
     for key in ("overlap", "cosine", "jaccard", "hsic"):
         if isinstance(result.get(key), torch.Tensor):
             doc[key] = _rows(result[key])

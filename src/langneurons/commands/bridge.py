@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..artifacts import BLI_FORMAT, BLI_SUMMARY_FORMAT, MRC_FORMAT, PROBE_SUMMARY_FORMAT, SELECTION_FORMAT
 from ..errors import UserError
 
 HELP = "BridgeX-ICL: probe data, bridge-language selection by HSIC, chained BLI/MRC, linguistic spectrum"
@@ -68,11 +69,8 @@ mc_answer1..mc_answer4, correct_answer_num 1-4) or {"passage", "question", "opti
 
 # ---------------------------------------------------------------------------------------- argument groups
 def _add_model(p) -> None:
-    p.add_argument("--model", required=True, help="HF model id or local directory")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass / generate call [16]")
-    p.add_argument("--trust-remote-code", action="store_true")
+    from .options import add_model_options
+    add_model_options(p, batch_size=16, batch_help="prompts per forward pass / generate call")
     p.add_argument("--token-healing", action="store_true",
                    help="take back each prompt's last token and make the first generated token start with its "
                         "text (prompts end in '{T}:', which BPE vocabularies often merge with the quote that "
@@ -122,6 +120,8 @@ def register(sub) -> None:
     pr.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per translation (stops at newline) [8]")
     pr.add_argument("--site", default="act", help="activation site recorded: pre | act (default) | product")
     pr.add_argument("--include-special", action="store_true", help="average special tokens (BOS) too")
+    pr.add_argument("--stats", type=Path, default=None, metavar="DIR",
+                    help="activation statistics of the same model (optional): its recorded --arch is used")
     pr.set_defaults(func=run_probe)
 
     se = cmds.add_parser("select", help="rank candidate bridge languages per pair by HSIC (JSON + bar chart)",
@@ -222,17 +222,12 @@ def _names(args, codes) -> dict[str, str]:
     return {c: language_name(c, args.name_style, over) for c in dict.fromkeys(codes)}
 
 
-def _load(args):
-    from ..collect import load_model, resolve_device, resolve_dtype
+def _load(args, arch_from=()):
+    """The runtime session of ``--model`` (``--arch`` read back from ``arch_from`` when not given)."""
+    from ..runtime import ModelOptions, open_session
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    device = resolve_device(args.device)
-    if args.dtype != "auto":
-        from ..collect import DTYPES
-        if args.dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {args.dtype!r}; use auto, float32, bfloat16 or float16")
-    dtype = resolve_dtype(args.dtype, device)
-    return load_model(args.model, device, dtype, trust_remote_code=args.trust_remote_code)
+    return open_session(ModelOptions.from_args(args), arch_from=arch_from, batch_size=args.batch_size)
 
 
 def _dictionaries(args, pairs) -> dict:
@@ -322,19 +317,21 @@ def run_probe(args) -> int:
         raise UserError("--max-probes must be at least 1")
     names = _names(args, [c for p in pairs for c in p])
     dicts = _dictionaries(args, pairs)
-    model, tok = _load(args)
-    gen = HFGenerator(model, tok, args.max_new_tokens, args.batch_size, token_healing=args.token_healing)
-    summary = {"model": args.model, "filter": args.filter, "split": args.split, "limit": args.limit,
+    session = _load(args, arch_from=(args.stats,))
+    gen = HFGenerator(session, args.max_new_tokens, token_healing=args.token_healing)
+    summary = {"format": PROBE_SUMMARY_FORMAT,
+               "model": args.model, "filter": args.filter, "split": args.split, "limit": args.limit,
                "token_healing": args.token_healing, "pairs": {}}
     for (s, t), entries in dicts.items():
-        ps = build_probes(model, tok, entries, s, t, names, args.filter, gen, site=args.site,
-                          batch_size=args.batch_size, include_special=args.include_special,
-                          max_probes=args.max_probes,
+        ps = build_probes(session, entries, s, t, names, args.filter, gen, site=args.site,
+                          include_special=args.include_special, max_probes=args.max_probes,
                           extra_meta={"model": args.model, "token_healing": args.token_healing,
                                       "dictionary": str(args.dict or args.muse_dir),
                                       "split": args.split, "limit": args.limit, "shuffle": args.shuffle,
                                       "seed": args.seed, "skip_identical": args.skip_identical,
                                       "max_new_tokens": args.max_new_tokens})
+        if not session.is_main:
+            continue
         ft, fj = ps.save(args.out)
         m = ps.meta
         summary["pairs"][f"{s}-{t}"] = {k: m[k] for k in ("n_candidates", "n_correct", "translation_accuracy")}
@@ -343,6 +340,8 @@ def run_probe(args) -> int:
         print(f"probe {s}->{t}: {acc}; kept {ps.n} probes (filter {args.filter}); acts {list(ps.acts.shape)}",
               file=sys.stderr)
         print(str(ft))
+    if not session.is_main:
+        return 0
     if args.filter != "correct":
         print(f"probe: note: --filter {args.filter} keeps words the model may translate wrongly; "
               "the probes are not the paper's correctly-translated set", file=sys.stderr)
@@ -405,7 +404,8 @@ def run_select(args) -> int:
     NeuronSet.from_masks(masks, model, method).save(out / "language_neurons.json")
     NeuronSet.from_masks(overlaps, model, {"name": "bridge-overlap", "params": definition.as_dict()}
                          ).save(out / "overlap_neurons.json")
-    _write_json(out / "selection.json", {"definition": definition.as_dict(), "hsic": args.hsic, "layers": layers,
+    _write_json(out / "selection.json", {"format": SELECTION_FORMAT,
+                                         "definition": definition.as_dict(), "hsic": args.hsic, "layers": layers,
                                          "pairs": selection})
     print(str(out / "selection.json"))
     return 0
@@ -443,21 +443,26 @@ def run_bli(args) -> int:
         plan[(s, t)] = (cands, selected)
     names = _names(args, [c for (s, t), (cands, _) in plan.items() for c in (s, t, *cands)])
     dicts = _dictionaries(args, pairs)
-    model, tok = _load(args)
-    gen = HFGenerator(model, tok, args.max_new_tokens, args.batch_size, token_healing=args.token_healing)
+    session = _load(args)
+    gen = HFGenerator(session, args.max_new_tokens, token_healing=args.token_healing)
     out = Path(args.out)
-    summary = {"model": args.model, "split": args.split, "limit": args.limit, "token_healing": args.token_healing,
+    summary = {"format": BLI_SUMMARY_FORMAT,
+               "model": args.model, "split": args.split, "limit": args.limit, "token_healing": args.token_healing,
                "pairs": {}}
     for (s, t), entries in dicts.items():
         cands, selected = plan[(s, t)]
         res = bli(gen, entries, s, t, [None, *cands], names)
-        res.update(selected=selected, names=names, model=args.model, split=args.split)
+        res.update(format=BLI_FORMAT, selected=selected, names=names, model=args.model, split=args.split)
+        if not session.is_main:
+            continue
         _write_json(out / f"bli-{s}-{t}.json", res)
         accs = {k: v["accuracy"] for k, v in res["conditions"].items()}
         summary["pairs"][f"{s}-{t}"] = {"n_words": res["n_words"], "accuracy": accs, "selected": selected,
                                         "selected_accuracy": accs.get(selected) if selected else None}
         shown = ", ".join(f"{k}{'*' if k == selected else ''}={v:.3f}" for k, v in accs.items())
         print(f"bli {s}->{t} ({res['n_words']} words): {shown}", file=sys.stderr)
+    if not session.is_main:
+        return 0
     _write_json(out / "bli_summary.json", summary)
     print(str(out / "bli_summary.json"))
     return 0
@@ -475,11 +480,13 @@ def run_mrc(args) -> int:
         raise UserError("--max-new-tokens must be at least 1")
     bridges = [c for c in dict.fromkeys(_codes(args.bridges)) if c != args.lang]
     names = _names(args, [args.lang, *bridges])
-    model, tok = _load(args)
-    translate = HFGenerator(model, tok, args.max_new_tokens, args.batch_size, token_healing=args.token_healing)
-    choose = HFChoiceScorer(model, tok, args.batch_size)
+    session = _load(args)
+    translate = HFGenerator(session, args.max_new_tokens, token_healing=args.token_healing)
+    choose = HFChoiceScorer(session)
     res = mrc(items, choose, args.lang, [None, *bridges], names, translate)
-    res.update(model=args.model, data=str(args.data), names=names, token_healing=args.token_healing)
+    res.update(format=MRC_FORMAT, model=args.model, data=str(args.data), names=names, token_healing=args.token_healing)
+    if not session.is_main:
+        return 0
     out = Path(args.out)
     _write_json(out / f"mrc-{args.lang}.json", res)
     accs = {k: v["accuracy"] for k, v in res["conditions"].items()}

@@ -26,10 +26,11 @@ def register(sub) -> None:
     import argparse
     p = sub.add_parser("collect", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF model id or local directory")
+    from .options import add_model_options, add_out, add_seed
+    add_model_options(p, batch_size=8, batch_help="windows per forward pass")
     p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
                    help="a language and its corpus (repeat per language)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    add_out(p, "output directory")
     p.add_argument("--site", default="act", help="pre | act (default) | product")
     p.add_argument("--unit", default="window", choices=("window", "sentence"),
                    help="window: packed token windows (default); sentence: one line = one padded sequence, "
@@ -37,11 +38,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per window (sentence unit: max length) [512]")
     p.add_argument("--sentences", type=int, default=100, help="sentence unit: sentences whose means are kept [100]")
     p.add_argument("--max-tokens", type=int, default=None, help="cap per language (a seeded random subset of windows)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass [8]")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over devices")
-    p.add_argument("--seed", type=int, default=0, help="window selection seed [0]")
+    add_seed(p, 0, "window selection seed")
     p.add_argument("--sketch-bins", type=int, default=DEFAULT_SKETCH_BINS,
                    help=f"quantile sketch bins per neuron, 0 = no sketch [{DEFAULT_SKETCH_BINS}]")
     p.add_argument("--sketch", default="quantile", choices=SKETCH_KINDS,
@@ -58,11 +55,7 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
     p.add_argument("--no-cache", action="store_true", help="do not cache token streams")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints [300]")
-    p.add_argument("--arch", default=None,
-                   help="module paths for an unrecognised architecture: layers=...,gate=...,act=...,down=...[,up=...]"
-                        "[,layout=linear|fused_gate_up|conv1d]")
     p.add_argument("--text-field", default="text", help="field of .jsonl and hf: records [text]")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -20,10 +20,10 @@ Writes OUT/TASK.json (per-language rows, all settings) and OUT/TASK.md (tables).
 and only the missing rows are evaluated.
 
 examples:
-  langneurons eval xcopa --model Qwen/Qwen2.5-7B --langs zh,id,sw --data data/xcopa --out runs/eval
-  langneurons eval xnli --model M --langs en,zh --data data/xnli --limit 500 \\
+  langneurons eval xcopa --model Qwen/Qwen2.5-7B --languages zh,id,sw --data data/xcopa --out runs/eval
+  langneurons eval xnli --model M --languages en,zh --data data/xnli --limit 500 \\
       --neurons runs/lape.json --stats runs/stats --operator set:p_max --setting none,self,cross --out runs/eval
-  langneurons eval flores --model M --langs fr,zh --data data/flores200/devtest --shots 1 --option bleu_tokenize=auto \\
+  langneurons eval flores --model M --languages fr,zh --data data/flores200/devtest --shots 1 --option bleu_tokenize=auto \\
       --out runs/eval
 """
 
@@ -33,27 +33,23 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", metavar="TASK", help="task name (see below)")
-    p.add_argument("--model", required=True, help="HF model id or local directory")
-    p.add_argument("--langs", default=None, help="comma-separated language codes [the task's languages]")
+    from .options import add_languages, add_model_options, add_operator, add_out
+    add_model_options(p, batch_size=8)
+    add_languages(p, "language codes [the task's languages]", old=("--langs",))
     p.add_argument("--data", default=None, help="DIR, FILE or hf:DATASET[:CONFIG[:SPLIT]] [the task's HF dataset]")
     p.add_argument("--split", default=None, help="test, validation, devtest ... [the task's default]")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents per language")
     p.add_argument("--shots", type=int, default=0, help="few-shot demonstrations per prompt [0]")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks: new-token cap [task default]")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, e.g. qa_metric=token (xquad), strip=last (xcopa), bleu_tokenize=13a (flores)")
     p.add_argument("--neurons", type=Path, default=None, help="neuron-set JSON for interventions")
     p.add_argument("--stats", type=Path, default=None, help="activation statistics DIR (operators set:STAT, add:STAT)")
-    p.add_argument("--operator", default=None, help="zero, set:p_max, set:mean, scale:A, add:STAT[*A], set:CONST ...")
+    add_operator(p, None, "zero, set:p_max, set:mean, scale:A, add:STAT[*A], set:CONST ...")
     p.add_argument("--setting", default=None, help="none, self, cross or a comma list [none; none,self with --neurons]")
     p.add_argument("--site", default="act", help="intervention site: act (default), pre, product")
     p.add_argument("--positions", default="all", help="intervened positions: all (default), prompt, generated, last")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over devices")
-    p.add_argument("--trust-remote-code", action="store_true")
+    add_out(p, "output directory")
     p.add_argument("--quiet", action="store_true", help="no per-run log lines")
     p.set_defaults(func=run)
 
@@ -71,14 +67,17 @@ def _options(items: list[str]) -> dict:
 
 def run(args) -> int:
     from ..tasks.runner import EvalConfig, markdown, parse_settings, run_eval
-    langs = [x.strip() for x in args.langs.split(",") if x.strip()] if args.langs else None
+    from .options import split_languages
+    langs = split_languages(args.languages) or None
     cfg = EvalConfig(task=args.task, model=args.model, out=args.out, langs=langs, data=args.data, split=args.split,
                      limit=args.limit, shots=args.shots, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens, options=_options(args.option), neurons=args.neurons,
                      stats=args.stats, operator=args.operator,
                      settings=parse_settings(args.setting, args.neurons is not None), site=args.site,
                      positions=args.positions, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                     trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+                     trust_remote_code=args.trust_remote_code, arch=args.arch, progress=not args.quiet)
     result = run_eval(cfg)
-    print(markdown(result))
+    from ..runtime import dist_info
+    if dist_info()[0] == 0:
+        print(markdown(result))
     return 0

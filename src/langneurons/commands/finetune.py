@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..artifacts import FINETUNE_EVAL_FORMAT
 from ..errors import UserError
 
 HELP = "fine-tune on a task with attention LoRA + neuron-masked MLP LoRA; evaluate zero-shot across languages"
@@ -35,12 +36,12 @@ both with AdamW betas (0.95, 0.999), weight decay 0.1, 1% warm-up then linear de
 examples:
   langneurons finetune train --model M --task nli --train mnli.tsv --preset m25-xnli --out runs/xnli-attn
   langneurons finetune train --model M --task nli --train mnli.tsv --preset m25-xnli --out runs/xnli-hi \\
-      --neurons lape.json --neuron-langs hi --mlp-modules gate --eval hi=xnli_test_hi.tsv
+      --neurons lape.json --languages hi --mlp-modules gate --eval hi=xnli_test_hi.tsv
 """
 
 EXPERIMENT_EPILOG = """\
 conditions: attn, ln-source, ln-target, ln-both, rand-source, rand-target, rand-both (default: all),
-plus attn+OP for each --interventions OP (the attn model with a test-time intervention on the target
+plus attn+OP for each --operator OP (the attn model with a test-time intervention on the target
 language's neurons, values from --stats). Writes OUT/results.json, OUT/table.md, OUT/plot.png; runs are
 kept under OUT/runs and a rerun skips finished ones.
 
@@ -89,6 +90,9 @@ def _add_common_training(p, with_task: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto [auto]")
     g.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--arch", default=None, metavar="SPEC",
+                   help="module paths for a layout the adapter table does not know (as for collect) "
+                        "[read back from --neurons when collect was given one]")
     g.add_argument("--threads", type=int, default=None, help="CPU threads")
     g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints [200]")
     g.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch [16]")
@@ -100,7 +104,7 @@ def _add_common_training(p, with_task: bool = True) -> None:
 _TRAIN_KEYS = ("r", "alpha", "dropout", "use_rslora", "use_dora", "init_lora_weights", "bias", "lora_bias",
                "attn_modules", "attn_targets", "mlp_modules", "lr", "head_lr", "epochs", "max_steps", "data_fraction",
                "data_select", "batch_size", "grad_accum", "max_length", "weight_decay", "warmup_ratio", "grad_clip",
-               "pooling", "qa_loss", "device", "dtype", "threads", "checkpoint_every", "eval_batch_size",
+               "pooling", "qa_loss", "device", "dtype", "arch", "threads", "checkpoint_every", "eval_batch_size",
                "eval_max_examples", "max_new_tokens")
 
 
@@ -123,6 +127,7 @@ def _lang_paths(items, option: str) -> list[tuple[str, str]]:
 
 
 def register(sub) -> None:
+    from .options import add_languages, add_operator
     p = sub.add_parser("finetune", help=HELP, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_subparsers(dest="finetune_cmd", metavar="{train,eval,experiment}", parser_class=type(p))
@@ -133,7 +138,7 @@ def register(sub) -> None:
     _add_common_training(t)
     t.add_argument("--out", required=True, type=Path, help="output directory")
     t.add_argument("--neurons", default=None, help="neuron-set JSON: adds an MLP LoRA masked to these neurons")
-    t.add_argument("--neuron-langs", default=None, help="languages of --neurons whose neurons may change (a,b)")
+    add_languages(t, "languages of --neurons whose neurons may change", old=("--neuron-langs",))
     t.add_argument("--eval", action="append", default=[], metavar="LANG=PATH",
                    help="evaluate on this file after training (repeatable)")
     t.add_argument("--seed", type=int, default=None, help="seed of init, data order and subset [0]")
@@ -144,11 +149,10 @@ def register(sub) -> None:
     e.add_argument("--run", required=True, type=Path, help="output directory of 'finetune train'")
     e.add_argument("--data", action="append", required=True, metavar="LANG=PATH", help="evaluation file (repeatable)")
     e.add_argument("--out", type=Path, default=None, help="write the metrics JSON here [stdout]")
-    e.add_argument("--intervene", default=None, metavar="OP",
-                   help="test-time intervention operator (e.g. zero, set:mean, set:p90) on the evaluated "
-                        "language's neurons of --neurons, values from --stats")
-    e.add_argument("--neurons", default=None, help="neuron set for --intervene")
-    e.add_argument("--stats", default=None, help="activation statistics for --intervene")
+    add_operator(e, None, "test-time intervention operator (e.g. zero, set:mean, set:p90) on the evaluated "
+                          "language's neurons of --neurons, values from --stats", old=("--intervene",))
+    e.add_argument("--neurons", default=None, help="neuron set for --operator")
+    e.add_argument("--stats", default=None, help="activation statistics for --operator")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-examples", type=int, default=None)
@@ -167,8 +171,8 @@ def register(sub) -> None:
     x.add_argument("--seeds", default="0,1,2", help="comma-separated seeds [0,1,2]")
     x.add_argument("--conditions", default=None, help="subset of attn,ln-source,ln-target,ln-both,rand-source,"
                                                       "rand-target,rand-both [all]")
-    x.add_argument("--interventions", default=None, help="test-time operators on the attn model, e.g. set:mean,zero")
-    x.add_argument("--stats", default=None, help="activation statistics for --interventions")
+    add_operator(x, None, "test-time operators on the attn model, e.g. set:mean,zero", old=("--interventions",))
+    x.add_argument("--stats", default=None, help="activation statistics for --operator")
     x.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples [2000]")
     x.add_argument("--eval-max-length", type=int, default=None, help="tokens per test example [--max-length]")
     x.add_argument("--workers", type=int, default=1,
@@ -186,7 +190,7 @@ def run_train(args) -> int:
     from ..atomic import atomic_write_text
     evals = _lang_paths(args.eval, "--eval")
     cfg = FinetuneConfig.build(preset=args.preset, model=args.model, task=args.task, train=args.train, out=args.out,
-                               neurons=args.neurons, neuron_langs=args.neuron_langs, seed=args.seed, eval=evals,
+                               neurons=args.neurons, neuron_langs=args.languages, seed=args.seed, eval=evals,
                                progress=not args.quiet, **_explicit(args))
     if not Path(cfg.train).is_file():
         raise UserError(f"--train {cfg.train} does not exist; give the training data file")
@@ -197,7 +201,8 @@ def run_train(args) -> int:
     if evals:
         res = evaluate_sets(tm, evals, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max_examples,
                             max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
-        doc = {"run": str(cfg.out), "metrics": summary(res), "scores": {c: r["correct"] for c, r in res.items()}}
+        doc = {"format": FINETUNE_EVAL_FORMAT,
+               "run": str(cfg.out), "metrics": summary(res), "scores": {c: r["correct"] for c, r in res.items()}}
         atomic_write_text(Path(cfg.out) / "eval.json", json.dumps(doc, indent=1))
         for lang, m in summary(res).items():
             key = "accuracy" if "accuracy" in m else "f1"
@@ -212,9 +217,9 @@ def run_eval(args) -> int:
     sets = _lang_paths(args.data, "--data")
     tm = load_finetuned(args.run, device=args.device, progress=not args.quiet)
     context_for = None
-    if args.intervene:
+    if args.operator:
         if not args.neurons or not args.stats:
-            raise UserError("--intervene needs --neurons FILE and --stats DIR")
+            raise UserError("--operator needs --neurons FILE and --stats DIR")
         from ..intervene import Intervention
         from ..neuronset import NeuronSet
         from ..stats import ActivationStats
@@ -222,13 +227,14 @@ def run_eval(args) -> int:
         stats = ActivationStats.load(args.stats)
 
         def intervention_for(lang):
-            iv = Intervention(neurons=ns, languages=[lang], operator=args.intervene, stats=stats, site=ns.site)
+            iv = Intervention(neurons=ns, languages=[lang], operator=args.operator, stats=stats, site=ns.site)
             return tm.intervention(iv)
         context_for = intervention_for
     res = evaluate_sets(tm, sets, batch_size=args.batch_size, max_examples=args.max_examples,
                         max_new_tokens=args.max_new_tokens, context_for=context_for, progress=not args.quiet,
                         max_length=args.max_length)
-    doc = {"run": str(args.run), "intervention": args.intervene, "metrics": summary(res),
+    doc = {"format": FINETUNE_EVAL_FORMAT,
+           "run": str(args.run), "intervention": args.operator, "metrics": summary(res),
            "scores": {c: r["correct"] for c, r in res.items()}}
     text = json.dumps(doc, indent=1)
     if args.out:
@@ -249,7 +255,7 @@ def run_experiment(args) -> int:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
     conditions = [c.strip() for c in args.conditions.split(",")] if args.conditions else list(CONDITIONS)
-    ops = [o.strip() for o in args.interventions.split(",") if o.strip()] if args.interventions else []
+    ops = [o.strip() for o in args.operator.split(",") if o.strip()] if args.operator else []
     opts = {k: v for k, v in _explicit(args).items() if v is not None and k not in ("mlp_modules", "eval_batch_size",
                                                                                     "eval_max_examples")}
     if args.preset:

@@ -20,7 +20,7 @@ examples:
   langneurons neurons compare runs/lape.json                 # Jaccard between its languages
   langneurons neurons compare runs/lape.json runs/ap90.json  # per-language Jaccard between methods
   langneurons neurons import llama-2-7b.pth --out lape-llama2.json --languages en,zh,fr,es,vi,id,ja
-  langneurons neurons plot runs/lape.json --out-dir runs/plots
+  langneurons neurons plot runs/lape.json --out runs/plots
 """
 
 
@@ -55,7 +55,8 @@ def register(sub) -> None:
 
     pl = cmds.add_parser("plot", help="layer-distribution PNG and Jaccard heatmap PNG")
     pl.add_argument("file", type=Path, metavar="FILE")
-    pl.add_argument("--out-dir", required=True, type=Path, metavar="DIR")
+    from .options import add_out
+    add_out(pl, "output directory of the PNGs", old=("--out-dir",))
     pl.set_defaults(func=run_plot)
 
 
@@ -198,9 +199,10 @@ def run_plot(args) -> int:
     ns = _load(args.file)
     if not ns.languages:
         raise UserError(f"{args.file} holds no languages; nothing to plot")
-    out_dir = Path(args.out_dir)
+    from .options import need_out
+    out_dir = Path(need_out(args))
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file; give a directory")
+        raise UserError(f"--out {out_dir} is a file; give a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(args.file).stem
     layers = plot_layer_distribution(ns, out_dir / f"{stem}-layers.png")

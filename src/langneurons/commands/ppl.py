@@ -37,23 +37,21 @@ def _seeds(text: str) -> list[int]:
 def register(sub) -> None:
     p = sub.add_parser("ppl", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF model id or local directory")
+    from .options import add_model_options, add_operator, add_out, add_seed
+    add_model_options(p, batch_size=8)
     p.add_argument("--neurons", required=True, type=Path, help="neuron-set JSON file")
     p.add_argument("--stats", type=Path, default=None,
                    help="statistics directory (needed by statistic operators such as set:mean)")
     p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
                    help="an evaluated language and its held-out text (repeat per language)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--operator", default="zero", help="operator written into the row's neurons [zero]")
+    add_out(p, "output directory")
+    add_operator(p, "zero", "operator written into the row's neurons [zero]")
     p.add_argument("--site", default="act", help="site written: pre | act (default) | product")
     p.add_argument("--rows", default=None, help="comma-separated languages of the neuron set to use as rows [all]")
     p.add_argument("--random-seeds", default="0,1,2", help="seeds of matched random-control rows, or none [0,1,2]")
     p.add_argument("--window", type=int, default=512, help="tokens per evaluation window [512]")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per language (seeded subset of windows)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
-    p.add_argument("--seed", type=int, default=0, help="window selection seed [0]")
+    add_seed(p, 0, "window selection seed")
     p.add_argument("--cache-dir", type=Path, default=None, help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
     p.add_argument("--no-cache", action="store_true", help="do not cache token streams")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,10 +65,14 @@ def run(args) -> int:
     cfg = PPLConfig(model=args.model, neurons=args.neurons, languages=parse_lang_args(args.lang), out=args.out,
                     stats=args.stats, operator=args.operator, site=args.site, rows=rows,
                     random_seeds=_seeds(args.random_seeds), window=args.window, max_tokens=args.max_tokens,
-                    batch_size=args.batch_size, device=args.device, dtype=args.dtype, seed=args.seed,
+                    batch_size=args.batch_size, device=args.device, dtype=args.dtype, arch=args.arch,
+                    device_map=args.device_map, trust_remote_code=args.trust_remote_code, seed=args.seed,
                     cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
                     progress=not args.quiet)
     record = run_ppl(cfg)
+    from ..runtime import dist_info
+    if dist_info()[0] != 0:
+        return 0
     print_summary(record)
     print(str(args.out / "ppl.json"))
     return 0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "render a run directory (statistics, neuron sets, PPL, steering, task results) as one HTML page"
+HELP = "render a run directory (every langneurons artifact in it) as one HTML page"
 
 EPILOG = """\
+Every JSON file a langneurons command writes carries "format": "langneurons.<kind>.vN"; each kind
+has a section (statistics, neuron sets, PPL, steering, tasks, fine-tuning results and runs, bridge
+probes, rankings, selection, spectrum, BLI, MRC, ...; see langneurons.artifacts). Untagged or unknown
+JSON files are listed under "Other files"; paths are shown relative to RUN_DIR.
 The page embeds its figures as base64 PNG data and its CSS inline: no scripts, no network, one file.
 
 example:

@@ -43,11 +43,11 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser("steer", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF model id or local directory")
+    from .options import add_languages, add_model_options, add_operator, add_seed
+    add_model_options(p, batch_size=16)
     p.add_argument("--neurons", required=True, type=Path, help="neuron-set JSON file")
     p.add_argument("--stats", type=Path, default=None, help="statistics directory (statistic operators)")
-    p.add_argument("--operator", default="set:p_max",
-                   help="operator, or a comma-separated list in scoring mode [set:p_max]")
+    add_operator(p, "set:p_max", "operator, or a comma-separated list in scoring mode [set:p_max]")
     p.add_argument("--site", default="act", help="site written: pre | act (default) | product")
     p.add_argument("--positions", default="all", help="all (default) | prompt | generated | last")
     p.add_argument("--batch-scope", default="batch", choices=("batch", "sequence"),
@@ -60,7 +60,7 @@ def register(sub) -> None:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     s = p.add_argument_group("scoring mode")
     s.add_argument("--out", type=Path, default=None, help="output directory (turns scoring mode on)")
-    s.add_argument("--languages", default=None, help="comma-separated languages (sources and targets)")
+    add_languages(s, "languages (sources and targets) [all of the neuron set]")
     s.add_argument("--cloze", type=Path, default=None, help="parallel cloze JSONL file")
     s.add_argument("--mlama", type=Path, default=None, help="mLAMA-layout directory")
     s.add_argument("--mlama-mode", default="prefix", choices=("prefix", "remove"),
@@ -72,10 +72,7 @@ def register(sub) -> None:
     s.add_argument("--neutral-prompts", type=Path, default=None, help="file of neutral prompts, one per line")
     s.add_argument("--samples", type=int, default=8, help="sampled generations per neutral prompt [8]")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate [32]")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass [16]")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the MUSE builder [0]")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    add_seed(p, 0, "seed of sampling and of the MUSE builder")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
@@ -88,15 +85,14 @@ def _lines(path: Path) -> list[str]:
 
 
 def run(args) -> int:
-    from ..collect import DTYPES, load_model, resolve_device, resolve_dtype
     from ..errors import UserError
     from ..neuronset import NeuronSet
+    from ..runtime import ModelOptions
     from ..stats import ActivationStats
 
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.samples < 1 or args.items < 1:
         raise UserError("--max-new-tokens, --batch-size, --samples and --items must be at least 1")
-    if args.dtype != "auto" and args.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {args.dtype!r}; use auto, {', '.join(sorted(set(DTYPES)))}")
+    ModelOptions.from_args(args).check()
     ns = NeuronSet.load(args.neurons)
     stats = ActivationStats.load(args.stats) if args.stats is not None else None
     operators = [o.strip() for o in args.operator.split(",") if o.strip()]
@@ -148,20 +144,18 @@ def run(args) -> int:
         raise UserError(f"no operator is usable with these statistics ({'; '.join(skipped.values())})")
     prompts = _lines(args.neutral_prompts) if args.neutral_prompts else list(S.DEFAULT_NEUTRAL_PROMPTS)
 
-    device = resolve_device(args.device)
-    model, tok = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    from ..arch import Adapter
-    adapter = Adapter(model)
-    ns.validate_for(adapter.num_layers, adapter.width)
-    ev = S.evaluate_steering(model, tok, ivs, langs, items=items, generation=args.generation,
+    session = _session(args, ns)
+    ev = S.evaluate_steering(session, ivs, langs, items=items, generation=args.generation,
                              neutral_prompts=prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed, batch_size=args.batch_size, adapter=adapter, progress=not args.quiet)
+                             seed=args.seed, progress=not args.quiet)
     settings = {"model": args.model, "neurons": str(args.neurons), "stats": str(args.stats) if args.stats else None,
                 "site": args.site, "positions": args.positions, "batch_scope": args.batch_scope,
                 "operators": list(ivs), "data": data, "samples": args.samples,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
                 "neutral_prompts": prompts if args.generation else None}
     record = S.steer_record(ev, langs, settings, skipped)
+    if not session.is_main:
+        return 0
     from ..atomic import atomic_write_text
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "steer.json", json.dumps(record, indent=1, ensure_ascii=False))
@@ -189,8 +183,17 @@ def _print_summary(record: dict) -> None:
         print("best per target: " + ", ".join(f"{t}={b['operator']}" for t, b in record["best"].items() if b))
 
 
+def _session(args, ns):
+    """The model of ``args`` in a runtime session (``--arch`` read back from the neuron set or
+    statistics when not given), checked against the neuron set."""
+    from ..runtime import ModelOptions, open_session
+    session = open_session(ModelOptions.from_args(args), arch_from=(args.neurons, args.stats),
+                           batch_size=args.batch_size)
+    ns.validate_for(session.adapter.num_layers, session.adapter.width)
+    return session
+
+
 def _print_mode(args, ns, stats, operators) -> int:
-    from ..collect import load_model, resolve_device, resolve_dtype
     from ..errors import UserError
     from ..intervene import Intervention
     from ..steer import generate_texts
@@ -204,16 +207,13 @@ def _print_mode(args, ns, stats, operators) -> int:
     targets = [c.strip() for t in args.target for c in t.split(",") if c.strip()]
     ivs = {t: Intervention(neurons=ns, languages=[t], operator=operators[0], stats=stats, site=args.site,
                            positions=args.positions, batch_scope=args.batch_scope) for t in targets}
-    device = resolve_device(args.device)
-    model, tok = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    from ..arch import Adapter
-    adapter = Adapter(model)
-    ns.validate_for(adapter.num_layers, adapter.width)
-    kw = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
-              adapter=adapter)
-    base = generate_texts(model, tok, prompts, **kw) if args.baseline else None
+    session = _session(args, ns)
+    kw = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed)
+    base = generate_texts(session, prompts, **kw) if args.baseline else None
     for t, iv in ivs.items():
-        outs = generate_texts(model, tok, prompts, intervention=iv, **kw)
+        outs = generate_texts(session, prompts, intervention=iv, **kw)
+        if not session.is_main:
+            continue
         print(f"=== target {t}: {iv.describe()} ===")
         for i, (p, o) in enumerate(zip(prompts, outs)):
             print(f"[{i + 1}] {p}")

@@ -1,14 +1,17 @@
-"""Task data for fine-tuning and zero-shot evaluation, read from local files.
+"""Task data for fine-tuning and zero-shot evaluation: the task readers' records as
+:class:`ClassificationData` / :class:`QAData`, their encoding and batching.
 
-Formats
--------
-- ``sib200``: SIB-200 topic classification, a TSV with header ``index_id  category  text`` (the
-  7 categories come from ``labels.txt`` beside the file when present, else the sorted categories).
+Formats (each file read by the reader of its task in :mod:`langneurons.tasks`)
+-------------------------------------------------------------------------------
+- ``sib200``: SIB-200 topic classification, a TSV with header ``index_id  category  text``
+  (:func:`~langneurons.tasks.sib200.read_sib200_tsv`; the 7 categories come from ``labels.txt``
+  beside the file when present, else the sorted categories).
 - ``nli``: premise/hypothesis pairs, a TSV with columns ``premise``, ``hypothesis`` (or ``hypo``) and
-  ``label``, either an integer 0/1/2 or a name (entailment, neutral, contradiction); XNLI test/dev
-  and the English MultiNLI subset both read this way.
+  ``label`` (:func:`~langneurons.tasks.xnli.read_nli_tsv`), the label either an integer 0/1/2 or a
+  name (entailment, neutral, contradiction); rows with another label (MultiNLI's ``-``) are left
+  out. XNLI test/dev and the English MultiNLI subset both read this way.
 - ``qa``: SQuAD v1.1 JSON (``data -> paragraphs -> {context, qas -> {id, question, answers}}``):
-  SQuAD, XQuAD.
+  SQuAD, XQuAD (:func:`~langneurons.tasks.xquad.read_squad`); unanswered questions are left out.
 
 Encodings
 ---------
@@ -24,8 +27,6 @@ answer tokens, default) or only on padding (``qa_loss="full"``, [M25]'s whole-se
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..tasks.sib200 import read_sib200_labels, read_sib200_tsv
+from ..tasks.xnli import read_nli_tsv
+from ..tasks.xquad import read_squad
 
 TASKS = ("sib200", "nli", "qa")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 QA_LOSSES = {"answer": "answer", "full": "full", "m25": "full", "prompt": "full"}
-
-csv.field_size_limit(1 << 30)
 
 
 @dataclass
@@ -75,97 +77,53 @@ class QAData:
                       [self.answers[i] for i in idx], [self.ids[i] for i in idx])
 
 
-def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; give an existing TSV file")
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise UserError(f"{path} is empty; give a TSV file with a header line")
-    return [h.strip() for h in rows[0]], [r for r in rows[1:] if r and any(c.strip() for c in r)]
-
-
 def load_sib200(path: str | Path, label_names: Optional[Sequence[str]] = None) -> ClassificationData:
     """SIB-200 ``index_id  category  text``; labels in the order of ``labels.txt`` beside the file."""
     path = Path(path)
-    header, rows = _read_tsv(path)
-    try:
-        ci, ti = header.index("category"), header.index("text")
-    except ValueError:
-        raise UserError(f"{path} lacks the columns category and text (header {header}); give a SIB-200 TSV "
-                        "(index_id, category, text)") from None
-    ii = header.index("index_id") if "index_id" in header else None
+    rows = read_sib200_tsv(path)
     if label_names is None:
-        lab_file = path.parent / "labels.txt"
-        if lab_file.is_file():
-            label_names = [s.strip() for s in lab_file.read_text(encoding="utf-8").splitlines() if s.strip()]
-        else:
-            label_names = sorted({r[ci] for r in rows})
+        listed = read_sib200_labels(path)
+        label_names = listed if listed is not None else sorted({r["category"] for r in rows})
     index = {n: i for i, n in enumerate(label_names)}
     texts, labels, ids = [], [], []
     for r in rows:
-        if r[ci] not in index:
-            raise UserError(f"{path}: category {r[ci]!r} is not among the labels {list(label_names)}; "
+        if r["category"] not in index:
+            raise UserError(f"{path}: category {r['category']!r} is not among the labels {list(label_names)}; "
                             "use the same labels.txt for training and evaluation")
-        texts.append(r[ti])
-        labels.append(index[r[ci]])
-        ids.append(r[ii] if ii is not None else str(len(ids)))
+        texts.append(r["text"])
+        labels.append(index[r["category"]])
+        ids.append(r.get("index_id", str(len(ids))))
     return ClassificationData(texts, labels, list(label_names), ids)
 
 
 def load_nli(path: str | Path) -> ClassificationData:
     """Premise/hypothesis TSV; labels 0 entailment, 1 neutral, 2 contradiction (ints or names)."""
     path = Path(path)
-    header, rows = _read_tsv(path)
-    low = [h.lower() for h in header]
-    hyp = "hypothesis" if "hypothesis" in low else ("hypo" if "hypo" in low else None)
-    if "premise" not in low or hyp is None or "label" not in low:
-        raise UserError(f"{path} lacks the columns premise, hypothesis (or hypo) and label (header {header}); "
-                        "give an XNLI/MNLI TSV")
-    pi, hi, li = low.index("premise"), low.index(hyp), low.index("label")
-    idi = low.index("id") if "id" in low else None
     names = {n: i for i, n in enumerate(NLI_LABELS)}
     texts, labels, ids = [], [], []
-    for k, r in enumerate(rows):
-        lab = r[li].strip().lower()
+    for k, r in enumerate(read_nli_tsv(path)):
+        lab = r["label"].strip().lower()
         if lab in names:
             y = names[lab]
         elif lab in ("0", "1", "2"):
             y = int(lab)
         else:
             continue        # '-' (no gold label) and the like
-        texts.append((r[pi], r[hi]))
+        texts.append((r["premise"], r["hypothesis"]))
         labels.append(y)
-        ids.append(r[idi] if idi is not None else str(k))
+        ids.append(r.get("id", str(k)))
     if not labels:
         raise UserError(f"{path} has no rows with a label in 0/1/2 or {'/'.join(NLI_LABELS)}")
     return ClassificationData(texts, labels, list(NLI_LABELS), ids)
 
 
 def load_squad(path: str | Path) -> QAData:
-    """SQuAD v1.1-format JSON (SQuAD, XQuAD): one record per question, in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; give a SQuAD-format JSON file")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        ctx, qs, ans, ids = [], [], [], []
-        for art in doc["data"]:
-            for par in art["paragraphs"]:
-                for qa in par["qas"]:
-                    answers = [a["text"] for a in qa.get("answers", [])]
-                    if not answers:
-                        continue
-                    ctx.append(par["context"])
-                    qs.append(qa["question"])
-                    ans.append(answers)
-                    ids.append(str(qa.get("id", len(ids))))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not SQuAD-format JSON ({e.__class__.__name__}: {e}); "
-                        "give a file with data -> paragraphs -> qas") from None
-    if not ids:
+    """SQuAD v1.1-format JSON (SQuAD, XQuAD): one record per answered question, in file order."""
+    docs = read_squad(Path(path), skip_unanswered=True)
+    if not docs:
         raise UserError(f"{path} holds no question with an answer")
-    return QAData(ctx, qs, ans, ids)
+    return QAData([d["context"] for d in docs], [d["question"] for d in docs], [d["answers"] for d in docs],
+                  [d["id"] for d in docs])
 
 
 def load_task(task: str, path: str | Path, label_names: Optional[Sequence[str]] = None):
@@ -240,22 +198,13 @@ def encode_qa(tok, data: QAData, max_length: int, with_answer: bool = True,
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right",
               labels: Optional[list[list[int]]] = None) -> dict[str, torch.Tensor]:
-    """``input_ids``/``attention_mask`` ``[B, T]`` (and ``labels`` with ``-100`` on padding)."""
-    T = max(len(s) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    lab = torch.full((B, T), -100, dtype=torch.long) if labels is not None else None
-    for i, s in enumerate(seqs):
-        n = len(s)
-        sl = slice(T - n, T) if side == "left" else slice(0, n)
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-        if lab is not None:
-            lab[i, sl] = torch.tensor(labels[i], dtype=torch.long)
+    """``input_ids``/``attention_mask`` ``[B, T]`` (and ``labels`` with ``-100`` on padding), padded by
+    the runtime's one padding function (:func:`langneurons.runtime.pad_rows`)."""
+    from ..runtime import pad_rows
+    ids, mask = pad_rows(seqs, pad_id, side)
     out = {"input_ids": ids, "attention_mask": mask}
-    if lab is not None:
-        out["labels"] = lab
+    if labels is not None:
+        out["labels"] = pad_rows(labels, -100, side)[0]
     return out
 
 

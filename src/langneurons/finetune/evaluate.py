@@ -13,7 +13,8 @@ the ``xquad`` task, :mod:`langneurons.tasks.xquad`):
 ``em_tokens``/``f1_tokens`` are the same on tokenizer ids of the raw strings ([M25]'s token-id
 scores), reported alongside for replication.
 
-Predictions are greedy continuations of the prompt (left padding), cut at the first newline or EOS.
+Predictions are greedy continuations of the prompt (the runtime's generation pass: left padding), cut
+at the first newline or EOS.
 Both evaluators accept ``context``: a factory of a context manager entered around the forward passes
 (a test-time intervention).
 """
@@ -26,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..tasks.xquad import squad_em_f1, token_em_f1
+from ..runtime import pad_id
 from .data import ClassificationData, QAData, encode_classification, encode_qa, pad_batch
 
 def qa_scores(pred: str, golds: list[str], tok=None) -> dict[str, float]:
@@ -58,7 +60,7 @@ def evaluate_classification(classifier, tok, data: ClassificationData, batch_siz
     with _ctx(context):
         for s in it:
             idx = order[s:s + batch_size]
-            b = pad_batch([ids[i] for i in idx], tok.pad_token_id, "right")
+            b = pad_batch([ids[i] for i in idx], pad_id(tok), "right")
             logits = classifier(b["input_ids"].to(dev), b["attention_mask"].to(dev))
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 preds[i] = p
@@ -68,35 +70,29 @@ def evaluate_classification(classifier, tok, data: ClassificationData, batch_siz
             "predictions": preds}
 
 
-@torch.no_grad()
 def generate_answers(model, tok, data: QAData, batch_size: int = 8, max_length: int = 512,
                      max_new_tokens: int = 32, context: Optional[Callable] = None, progress: bool = False,
                      desc: str = "eval") -> list[str]:
-    """Greedy answers (decoded, cut at the first newline), in data order."""
+    """Greedy answers (decoded, cut at the first newline, stripped), in data order, through the
+    runtime's generation pass (:meth:`langneurons.runtime.Session.generate`)."""
+    from ..runtime import Session
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     was = inner.training
     inner.eval()
     enc = encode_qa(tok, data, max_length - max_new_tokens, with_answer=False)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i].prompt))
-    out = [""] * len(enc)
-    dev = next(inner.parameters()).device
-    it = range(0, len(order), batch_size)
+    session = Session(inner, tok, batch_size=batch_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with _ctx(context):
-        for s in it:
-            idx = order[s:s + batch_size]
-            b = pad_batch([enc[i].prompt for i in idx], pad, "left")
-            ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
-            gen = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tok.eos_token_id)
-            for i, row in zip(idx, gen[:, ids.shape[1]:].tolist()):
-                text = tok.decode(row, skip_special_tokens=True)
-                out[i] = text.split("\n")[0].strip()
-    inner.train(was)
-    return out
+        bar = tqdm(total=len(enc), desc=desc, unit="example", leave=False, dynamic_ncols=True)
+    try:
+        with _ctx(context):
+            return session.generate(ids=[e.prompt for e in enc], max_new_tokens=max_new_tokens, stop=("\n",),
+                                    strip=True, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+        inner.train(was)
 
 
 def evaluate_qa(model, tok, data: QAData, batch_size: int = 8, max_length: int = 512, max_new_tokens: int = 32,

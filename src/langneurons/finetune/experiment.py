@@ -52,7 +52,7 @@ from ..atomic import atomic_write_text
 from .train import FinetuneConfig, TaskModel, evaluate_sets, train
 
 CONDITIONS = ("attn", "ln-source", "ln-target", "ln-both", "rand-source", "rand-target", "rand-both")
-RESULTS_FORMAT = "langneurons.finetune.experiment.v1"
+from ..artifacts import FINETUNE_EXPERIMENT_FORMAT as RESULTS_FORMAT, FINETUNE_RUN_SCORES_FORMAT  # noqa: E402
 
 
 @dataclass
@@ -92,7 +92,7 @@ class ExperimentConfig:
             raise UserError(f"the neuron set {self.neurons} has no language {','.join(missing)} (it has "
                             f"{','.join(ns.languages)}); name evaluation sets by the neuron set's language codes")
         if self.interventions and self.stats is None:
-            raise UserError("--interventions need --stats DIR (activation statistics of the same model and site)")
+            raise UserError("--operator needs --stats DIR (activation statistics of the same model and site)")
         return ns
 
 
@@ -158,7 +158,7 @@ def _worker_init(threads: int) -> None:
 
 
 def _load_base_for(cfg: ExperimentConfig):
-    from ..collect import load_model, resolve_device, resolve_dtype
+    from ..runtime import load_model, resolve_device, resolve_dtype
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -202,7 +202,7 @@ def execute_run(cfg: ExperimentConfig, run: dict, base=None, ns: Optional[Neuron
     sets = [(c, eval_sets[c]) for c in run["eval"]]
     res = evaluate_sets(tm, sets, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max_examples,
                         max_length=cfg.eval_max_length)
-    ev = {"run": run, "scores": {c: r["correct"] for c, r in res.items()},
+    ev = {"format": FINETUNE_RUN_SCORES_FORMAT, "run": run, "scores": {c: r["correct"] for c, r in res.items()},
           "metrics": {c: {k: v for k, v in r.items() if k not in ("correct", "predictions")} for c, r in res.items()},
           "train_seconds": tm.record.get("seconds"), "loss_last": tm.record.get("loss_last")}
     if run["condition"] == "attn" and ops:

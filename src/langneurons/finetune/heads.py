@@ -9,7 +9,7 @@ pooled vector per sequence goes through ``logits = W h_pool + b`` (``W``: ``[C, 
 Pooling (``pooling=``):
 
 - ``last-token`` (default): ``h[b, t_b]`` with ``t_b = max{t : mask[b, t] = 1}``, the last *real* token.
-  Because position ids are counted over real tokens (:func:`langneurons.collect.forward_kwargs`),
+  Because position ids are counted over real tokens (:func:`langneurons.runtime.forward_kwargs`),
   left and right padding give the same vector.
 - ``last-position`` (alias ``m25``): ``h[b, T - 1]``, the last position of the padded batch. With
   right padding this is a pad position for every sequence shorter than the longest one: what
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..collect import forward_kwargs
+from ..runtime import forward_kwargs
 from ..errors import UserError
 
 POOLINGS = {"last-token": "last-token", "last-position": "last-position", "m25": "last-position", "mean": "mean"}

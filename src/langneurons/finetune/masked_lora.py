@@ -78,7 +78,7 @@ from ..neuronset import NeuronSet
 from ..atomic import atomic_write_text
 
 MASK_FILE = "langneurons_mask.json"
-MASK_FORMAT = "langneurons.masked_lora.v1"
+from ..artifacts import MASK_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 MLP_ROLES = ("gate", "up", "down")
 ATTN_ROLES = ("q", "k", "v", "o")
 #: LoRA initialisations whose ``B`` starts at zero and that leave the base weights alone.
@@ -423,18 +423,18 @@ class LoraSpec:
 def neuron_mask_of(ns: NeuronSet, languages: Sequence[str]) -> torch.Tensor:
     """Union over ``languages`` of the set's masks: BoolTensor ``[L, I]``."""
     if not languages:
-        raise UserError("--neuron-langs is empty; name the language(s) whose neurons the MLP LoRA may change")
+        raise UserError("--languages is empty; name the language(s) whose neurons the MLP LoRA may change")
     missing = [c for c in languages if c not in ns.languages]
     if missing:
         raise UserError(f"the neuron set has no language {','.join(missing)}; it has {','.join(ns.languages)}: "
-                        "fix --neuron-langs")
+                        "fix --languages")
     out = torch.zeros(ns.num_layers, ns.width, dtype=torch.bool)
     for c in languages:
         out |= ns.mask(c)
     return out
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec, adapter_name: str = "default"):
+def apply_lora(model: nn.Module, spec: LoraSpec, adapter_name: str = "default", adapter: Optional[Adapter] = None):
     """Wrap ``model`` with PEFT LoRA on attention (+ masked MLP); returns ``(peft_model, NeuronMask|None)``.
 
     The MLP modules are given to PEFT by their full names (one per adapted layer), the attention
@@ -444,7 +444,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, adapter_name: str = "default"):
     """
     from peft import LoraConfig, get_peft_model
     spec.validate()
-    adapter = Adapter(model)
+    adapter = adapter or Adapter(model)
     targets: list[MaskTarget] = []
     if spec.neurons is not None:
         spec.neurons.validate_for(adapter.num_layers, adapter.width)
@@ -452,7 +452,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, adapter_name: str = "default"):
         targets = mlp_mask_targets(model, nmask, spec.mlp_roles, adapter)
         if not targets:
             raise UserError(f"the neuron set has no neuron for {','.join(spec.neuron_languages)}: nothing to adapt "
-                            "in the MLP; pick other --neuron-langs or drop --neurons")
+                            "in the MLP; pick other --languages or drop --neurons")
     attn = list(spec.attn_targets) if spec.attn_targets else attention_targets(model, spec.attn_roles, adapter)
     names = set(_module_names(model).values())
     unknown = [n for n in (spec.attn_targets or []) if not any(x == n or x.endswith("." + n) for x in names)]

@@ -42,13 +42,14 @@ from .. import __version__
 from ..errors import UserError
 from ..neuronset import NeuronSet
 from ..atomic import atomic_write_text
+from ..runtime import pad_id
 from . import data as D
 from .heads import SequenceClassifier, lm_token_loss, resolve_pooling
 from .masked_lora import (ATTN_ROLES, MASK_FILE, MLP_ROLES, LoraSpec, apply_lora, load_adapter, parse_roles,
                           save_adapter)
 
 RECORD = "langneurons_finetune.json"
-RECORD_FORMAT = "langneurons.finetune.v1"
+from ..artifacts import FINETUNE_CHECKPOINT_FORMAT, FINETUNE_RUN_FORMAT as RECORD_FORMAT  # noqa: E402
 HEAD_FILE = "classifier_head.safetensors"
 CHECKPOINT = "checkpoint.pt"
 EVAL_FILE = "eval.json"
@@ -119,6 +120,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    arch: Optional[str] = None      # --arch module paths; default: the one recorded in --neurons
     threads: Optional[int] = None
     checkpoint_every: int = 200
     progress: bool = True
@@ -161,7 +163,7 @@ class FinetuneConfig:
         if self.checkpoint_every < 1:
             raise UserError("--checkpoint-every must be at least 1 step")
         if (self.neurons is None) != (self.neuron_langs is None):
-            raise UserError("--neurons and --neuron-langs go together: give the neuron-set file and the "
+            raise UserError("--neurons and --languages go together: give the neuron-set file and the "
                             "language(s) whose neurons the MLP LoRA may change")
         resolve_pooling(self.pooling)
         if self.neurons is not None:
@@ -294,7 +296,7 @@ def _quiet_transformers() -> None:
 
 
 def _load_base(cfg: FinetuneConfig):
-    from ..collect import load_model, resolve_device, resolve_dtype
+    from ..runtime import load_model, resolve_device, resolve_dtype
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, tok = load_model(cfg.model, device, dtype)
@@ -328,13 +330,21 @@ def _atomic_dir_files(src: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ training
-def _build(cfg: FinetuneConfig, model, tok, label_names):
+def _adapter(cfg: FinetuneConfig, model):
+    """The architecture adapter of the base model: ``--arch``, else the spec recorded in ``--neurons``."""
+    from ..arch import Adapter, parse_arch_override
+    from ..runtime import recorded_arch
+    arch = cfg.arch or recorded_arch(cfg.neurons)
+    return Adapter(model, parse_arch_override(arch) if arch else None)
+
+
+def _build(cfg: FinetuneConfig, model, tok, label_names, adapter=None):
     torch.manual_seed(cfg.seed)
     spec = cfg.lora_spec()
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model, mask = apply_lora(model, spec)
+        peft_model, mask = apply_lora(model, spec, adapter=adapter)
     classifier = None
     if cfg.task != "qa":
         torch.manual_seed(cfg.seed + 1)
@@ -371,9 +381,8 @@ def train(cfg: FinetuneConfig, model: Optional[nn.Module] = None, tokenizer=None
     _ensure_pad(tokenizer)
     for p in model.parameters():
         p.requires_grad_(False)
-    from ..arch import Adapter
-    adapter = Adapter(model)
-    peft_model, mask, classifier = _build(cfg, model, tokenizer, label_names)
+    adapter = _adapter(cfg, model)
+    peft_model, mask, classifier = _build(cfg, model, tokenizer, label_names, adapter)
     device = next(model.parameters()).device
 
     # encode
@@ -427,7 +436,7 @@ def train(cfg: FinetuneConfig, model: Optional[nn.Module] = None, tokenizer=None
     def checkpoint(step: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(ck_path, {
-            "format": RECORD_FORMAT, "fingerprint": fp, "step": step,
+            "format": FINETUNE_CHECKPOINT_FORMAT, "fingerprint": fp, "step": step,
             "trainable": {n: p.detach().cpu().clone() for n, p in named},
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
             "losses": losses, "seconds": seconds + (time.time() - t0)})
@@ -435,7 +444,7 @@ def train(cfg: FinetuneConfig, model: Optional[nn.Module] = None, tokenizer=None
     peft_model.train()
     if classifier is not None:
         classifier.train()
-    pad = tokenizer.pad_token_id
+    pad = pad_id(tokenizer)
     micro = math.ceil(cfg.batch_size / cfg.grad_accum)
     bar = None
     if cfg.progress:
@@ -534,7 +543,8 @@ def load_finetuned(directory: str | os.PathLike, model: Optional[nn.Module] = No
     if not rec_path.is_file():
         raise UserError(f"{directory} holds no finished fine-tuning run ({RECORD} missing); run "
                         "'langneurons finetune train' first (rerun it to resume)")
-    rec = json.loads(rec_path.read_text(encoding="utf-8"))
+    from ..artifacts import load as load_artifact
+    rec = load_artifact(rec_path, "finetune.run")     # also reads the older tag langneurons.finetune.v1
     cfgd = dict(rec["config"])
     cfgd["out"] = Path(cfgd["out"])
     cfgd["eval"] = [tuple(x) for x in cfgd.get("eval", [])]
@@ -546,8 +556,7 @@ def load_finetuned(directory: str | os.PathLike, model: Optional[nn.Module] = No
         c.device, c.dtype = device, dtype
         model, tokenizer = _load_base(c)
     _ensure_pad(tokenizer)
-    from ..arch import Adapter
-    adapter = Adapter(model)
+    adapter = _adapter(cfg, model)
     peft_model, mask = load_adapter(model, directory)
     peft_model.eval()
     classifier = None

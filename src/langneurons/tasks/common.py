@@ -47,6 +47,8 @@ def flores_code(lang: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- files
 def read_json(path: Path) -> Any:
+    if not Path(path).is_file():
+        raise UserError(f"data file {path} does not exist; give an existing JSON file")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -56,23 +58,45 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
 
 
-def read_tsv(path: Path, columns: Sequence[str]) -> list[dict]:
-    """Rows of a tab-separated file with a header naming at least ``columns`` (no quoting)."""
+csv.field_size_limit(1 << 30)  # long documents in one field
+
+
+def read_tsv(path: Path, columns: Sequence[str],
+             aliases: Optional[dict[str, Sequence[str]]] = None) -> list[dict]:
+    """Rows of a tab-separated file with a header naming at least ``columns`` (no quoting).
+
+    ``aliases`` maps a column name to other spellings of it: the first header cell equal, ignoring
+    case, to the name or else to one of its spellings (in order) is read as that column; names
+    in ``aliases`` but not in ``columns`` are optional. Rows whose cells are all blank are skipped.
+    """
+    if not Path(path).is_file():
+        raise UserError(f"data file {path} does not exist; give an existing TSV file")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: not a readable TSV file ({e}); fix the file") from None
     if not rows:
         raise UserError(f"{path}: empty file; expected a header line with columns {', '.join(columns)}")
-    header = [h.strip() for h in rows[0]]
+    given = [h.strip() for h in rows[0]]
+    header = list(given)
+    aliases = aliases or {}
+    for name, others in aliases.items():
+        low = [h.lower() for h in header]
+        for spelling in (name, *others):
+            if spelling.lower() in low:
+                header[low.index(spelling.lower())] = name
+                break
     missing = [c for c in columns if c not in header]
     if missing:
-        raise UserError(f"{path}: header {header} lacks column(s) {', '.join(missing)}; "
+        named = [c + (f" (or {', '.join(aliases[c])})" if aliases.get(c) else "") for c in missing]
+        raise UserError(f"{path}: header {given} lacks column(s) {', '.join(named)}; "
                         f"the file needs a tab-separated header with {', '.join(columns)}")
     out = []
     for n, row in enumerate(rows[1:], 2):
-        if not row or (len(row) == 1 and not row[0].strip()):
+        if not any(c.strip() for c in row):
             continue
         if len(row) != len(header):
             raise UserError(f"{path} line {n}: {len(row)} tab-separated fields, the header has {len(header)}; "
@@ -212,7 +236,7 @@ class Task:
                 path = self.local_file(path, lang, split)
                 if not path.is_file():
                     raise UserError(f"no {self.name} {split} file for language {lang!r}: {path} does not exist; "
-                                    "check --data, --langs and --split")
+                                    "check --data, --languages and --split")
             elif not path.is_file():
                 raise UserError(f"{self.name} data {path} does not exist; give a directory, a file or hf:DATASET")
             docs = self.read_file(path, lang, split)
@@ -301,7 +325,7 @@ class GenerateTask(Task):
     def evaluate(self, scorer, docs, lang, demos=(), max_new_tokens: Optional[int] = None, **options) -> dict:
         prefix = self.fewshot_prefix(demos, lang, **options)
         prompts = [prefix + self.prompt(d, lang, **options) for d in docs]
-        preds = scorer.generate(prompts, int(max_new_tokens or self.max_new_tokens), self.stop)
+        preds = scorer.generate(prompts, int(max_new_tokens or self.max_new_tokens), stop=self.stop, strip=True)
         out = self.score(preds, docs, lang, scorer, **options)
         out["samples"] = [{"prompt_end": self.prompt(d, lang, **options)[-200:], "prediction": p,
                            "reference": self.reference(d)} for d, p in list(zip(docs, preds))[:self.n_samples]]
@@ -314,9 +338,9 @@ LETTERS = "ABCDEFGHIJ"
 class LetterTask(Task):
     """Multiple choice answered by the next token: ``argmax_k log p(" " + LETTER_k | prompt)``.
 
-    ``prompt(doc, lang)`` ends with ``"Answer:"``; the candidates are the first tokens of
-    ``" A"``, ``" B"``, ... (or of ``"A"``... when the tokenizer splits the space off), one
-    forward pass per document. ``acc`` = share of documents whose argmax is the gold letter.
+    ``prompt(doc, lang)`` ends with ``"Answer:"``; the candidates are the runtime's answer-letter
+    tokens (:meth:`langneurons.runtime.Session.letter_ids`: the first token of ``" A"``, ``" B"``, ...,
+    skipping a leading token that decodes to whitespace only), one forward pass per document. ``acc`` = share of documents whose argmax is the gold letter.
     """
 
     kind = "letter"
@@ -328,24 +352,11 @@ class LetterTask(Task):
     def solved(self, doc, lang, **options):
         return self.prompt(doc, lang, **options) + " " + LETTERS[doc["label"]]
 
-    @staticmethod
-    def letter_ids(scorer, n: int) -> list[int]:
-        ids = []
-        for letter in LETTERS[:n]:
-            toks = scorer.encode(" " + letter)
-            if len(toks) != 1:
-                toks = scorer.encode(letter)
-            ids.append(toks[0])
-        if len(set(ids)) != len(ids):
-            raise UserError("the tokenizer maps two answer letters to the same first token; "
-                            "this model cannot be scored by answer letter")
-        return ids
-
     def evaluate(self, scorer, docs, lang, demos=(), **options) -> dict:
         import torch
         prefix = self.fewshot_prefix(demos, lang, **options)
         n_max = max(len(d["choices"]) for d in docs)
-        ids = self.letter_ids(scorer, n_max)
+        ids = scorer.letter_ids(LETTERS[:n_max])
         lp = scorer.next_token_logprobs([prefix + self.prompt(d, lang, **options) for d in docs], ids)  # [N, C]
         n_choices = torch.tensor([len(d["choices"]) for d in docs])
         valid = torch.arange(n_max).unsqueeze(0) < n_choices.unsqueeze(1)             # [N, C]

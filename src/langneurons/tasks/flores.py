@@ -110,7 +110,7 @@ class Flores(GenerateTask):
             paths = [self.local_file(base, code, split) for code in (source, lang)]
             for p in paths:
                 if not p.is_file():
-                    raise UserError(f"no FLORES file {p}; check --data, --langs and --split")
+                    raise UserError(f"no FLORES file {p}; check --data, --languages and --split")
             src, tgt = self._lines(paths[0]), self._lines(paths[1])
             where = str(paths[1])
         if len(src) != len(tgt):

@@ -30,9 +30,9 @@ from typing import Optional
 from ..errors import UserError
 from ..atomic import atomic_write_text
 from . import get_task
-from .scoring import Scorer
+from ..runtime import Session
 
-FORMAT = "langneurons.task.v1"
+from ..artifacts import TASK_FORMAT as FORMAT, TASK_PARTIAL_FORMAT  # noqa: E402 - tags live in the registry
 SETTINGS = ("none", "self", "cross")
 
 
@@ -59,6 +59,7 @@ class EvalConfig:
     dtype: str = "auto"
     device_map: Optional[str] = None
     trust_remote_code: bool = False
+    arch: Optional[str] = None
     progress: bool = True
 
 
@@ -141,7 +142,7 @@ def _intervention(ns, stats, lang: str, cfg: EvalConfig):
         raise UserError(f"interventions need langneurons.intervene, which cannot be imported ({e})") from None
     if lang not in ns.languages:
         raise UserError(f"neuron set {cfg.neurons} has no language {lang!r} (it has {', '.join(ns.languages)}); "
-                        "identify neurons for it or drop it from --langs")
+                        "identify neurons for it or drop it from --languages")
     return Intervention(neurons=ns, languages=[lang], operator=cfg.operator, stats=stats, site=cfg.site,
                         positions=cfg.positions)
 
@@ -152,13 +153,12 @@ def _split_metrics(result: dict) -> tuple[dict, dict]:
     return metrics, extra
 
 
-def evaluate_rows(task, scorer: Scorer, cfg: EvalConfig, langs: list[str], data: dict, options: dict,
+def evaluate_rows(task, scorer: Session, cfg: EvalConfig, langs: list[str], data: dict, options: dict,
                   ns=None, stats=None, log=None, done: Optional[dict] = None, on_row=None) -> list[dict]:
     """One row per (language, setting[, neuron language]) with the metrics of that run.
 
     Resuming: ``done`` maps ``"lang|setting|neurons_lang"`` to a finished row, used instead of
     evaluating it again; ``on_row(key, row)`` is called as each row finishes (to checkpoint it)."""
-    from contextlib import nullcontext
     settings = cfg.settings or ["none"]
     rows = []
     for lang in langs:
@@ -176,13 +176,10 @@ def evaluate_rows(task, scorer: Scorer, cfg: EvalConfig, langs: list[str], data:
             if done and key in done:
                 rows.append(done[key])
                 continue
-            ctx, record = nullcontext(), None
-            if nlang is not None:
-                from ..intervene import intervene
-                iv = _intervention(ns, stats, nlang, cfg)
-                ctx, record = intervene(scorer.model, iv), iv.to_dict()
+            iv = _intervention(ns, stats, nlang, cfg) if nlang is not None else None
+            record = iv.to_dict() if iv is not None else None
             t0 = time.time()
-            with ctx:
+            with scorer.intervened(iv):
                 result = task.evaluate(scorer, docs, lang, demos, max_new_tokens=cfg.max_new_tokens, **options)
             metrics, extra = _split_metrics(result)
             row = {"lang": lang, "setting": setting, "neurons_lang": nlang, "n": len(docs), "metrics": metrics,
@@ -271,9 +268,9 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     options = task.resolve_options(cfg.options or {})
     langs = list(cfg.langs or task.languages)
     if not langs:
-        raise UserError(f"{task.name} has no default languages; give --langs a,b,...")
+        raise UserError(f"{task.name} has no default languages; give --languages a,b,...")
     if len(set(langs)) != len(langs):
-        raise UserError(f"--langs lists a language twice: {','.join(langs)}")
+        raise UserError(f"--languages lists a language twice: {','.join(langs)}")
     data = {lang: load_task_docs(task, cfg, lang, options) for lang in langs}
     for lang in langs:  # build one prompt now: a language without prompt words fails before the model loads
         docs = data[lang][0]
@@ -293,19 +290,20 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
             missing = [lang for lang in langs if lang not in ns.languages]
             if missing:
                 raise UserError(f"neuron set {cfg.neurons} has no language {', '.join(missing)} for --setting self "
-                                f"(it has {', '.join(ns.languages)}); drop them from --langs or use --setting cross")
+                                f"(it has {', '.join(ns.languages)}); drop them from --languages or use --setting cross")
 
-    if model is None:
-        from ..collect import load_model, resolve_device, resolve_dtype
-        device = resolve_device(cfg.device)
-        model, tokenizer = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), cfg.device_map,
-                                      cfg.trust_remote_code)
-    scorer = Scorer(model, tokenizer, batch_size=cfg.batch_size)
-    log = (lambda m: print(m, file=sys.stderr)) if cfg.progress else None
+    from ..runtime import ModelOptions, open_session
+    scorer = open_session(ModelOptions(cfg.model, cfg.arch, cfg.dtype, cfg.device, cfg.device_map,
+                                       cfg.trust_remote_code), arch_from=(cfg.neurons, cfg.stats),
+                          batch_size=cfg.batch_size, model=model, tokenizer=tokenizer)
+    model = scorer.model
+    if ns is not None:
+        ns.validate_for(scorer.adapter.num_layers, scorer.adapter.width)
+    log = (lambda m: print(m, file=sys.stderr)) if cfg.progress and scorer.is_main else None
     t0 = time.time()
     # Resume: finished rows are checkpointed in OUT/.partial/TASK.json under a key of the model, the
     # documents, the options and the intervention; rerunning the same command skips them.
-    from ..collect import model_fingerprint
+    from ..runtime import model_fingerprint
     key_doc = {"task": task.name, "model": model_fingerprint(model), "options": options, "shots": cfg.shots,
                "max_new_tokens": cfg.max_new_tokens, "operator": cfg.operator, "site": cfg.site,
                "positions": cfg.positions, "settings": list(cfg.settings or []),
@@ -327,7 +325,9 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
 
     def checkpoint(k: str, row: dict) -> None:
         done[k] = row
-        atomic_write_text(partial, json.dumps({"key": key, "rows": done}, ensure_ascii=False))
+        if scorer.is_main:
+            atomic_write_text(partial, json.dumps({"format": TASK_PARTIAL_FORMAT, "key": key, "rows": done},
+                                              ensure_ascii=False))
 
     rows = evaluate_rows(task, scorer, cfg, langs, data, options, ns, stats, log, done=dict(done), on_row=checkpoint)
 
@@ -360,6 +360,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     labels, table = build_table(rows, langs, task.metrics[0])
     result["table"] = {"metric": task.metrics[0], "rows": labels, "columns": langs,
                        "values": [[table[lab].get(lang) for lang in langs] for lab in labels]}
+    if not scorer.is_main:
+        return result
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{task.name}.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -14,11 +14,26 @@ Local files: ``DIR/<FLORES code>/{train,dev,test}.tsv`` (``eng_Latn/test.tsv``) 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UserError
 from .common import ChoiceTask, flores_code, read_tsv
 
 CATEGORIES = ("science/technology", "travel", "politics", "sports", "health", "entertainment", "geography")
+
+
+def read_sib200_tsv(path: Path) -> list[dict]:
+    """Rows of a SIB-200 TSV (header ``index_id  category  text``; ``index_id`` optional), in file
+    order, fields as written (the fine-tuning data and the task's documents both come from here)."""
+    return read_tsv(Path(path), ("category", "text"))
+
+
+def read_sib200_labels(path: Path) -> Optional[list[str]]:
+    """The categories listed in ``labels.txt`` beside a SIB-200 file (one a line), or None without one."""
+    lab_file = Path(path).parent / "labels.txt"
+    if not lab_file.is_file():
+        return None
+    return [s.strip() for s in lab_file.read_text(encoding="utf-8").splitlines() if s.strip()]
 
 
 class SIB200(ChoiceTask):
@@ -54,7 +69,7 @@ class SIB200(ChoiceTask):
         return docs
 
     def read_file(self, path, lang, split):
-        return self._docs(read_tsv(path, ("category", "text")), str(path))
+        return self._docs(read_sib200_tsv(path), str(path))
 
     def from_records(self, records, lang, where):
         return self._docs(records, where)

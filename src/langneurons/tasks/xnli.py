@@ -11,7 +11,8 @@ empty context; the premise part is the same for the three choices, so the argmax
 same while only the continuation is scored here (``acc_norm`` divides by the continuation's
 bytes). Few-shot demonstrations come from the validation split when evaluating test.
 
-Local files: ``DIR/xnli_{test,validation}_LANG.tsv`` with a header ``id premise hypothesis label``.
+Local files: ``DIR/xnli_{test,validation}_LANG.tsv`` with a header ``id premise hypothesis label``
+(read by :func:`read_nli_tsv`, which also reads the English MultiNLI training TSV of fine-tuning).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ WORDS = {
     "vi": ("đúng", "Vâng", "Vì vậy", "Không"),
     "zh": ("正确", "是的", "所以", "不是的"),
 }
+
+
+def read_nli_tsv(path: Path) -> list[dict]:
+    """Rows of a premise/hypothesis TSV (XNLI, MultiNLI), in file order, fields as written: keys
+    ``premise``, ``hypothesis``, ``label`` and ``id`` when the file has one. Header names are matched
+    ignoring case; ``hypo`` is read as ``hypothesis``. Labels are not checked here."""
+    return read_tsv(Path(path), ("premise", "hypothesis", "label"),
+                    aliases={"premise": (), "hypothesis": ("hypo",), "label": (), "id": ()})
 
 
 class XNLI(ChoiceTask):
@@ -70,7 +79,7 @@ class XNLI(ChoiceTask):
         return {"premise": str(rec["premise"]), "hypothesis": str(rec["hypothesis"]), "label": label}
 
     def read_file(self, path, lang, split):
-        rows = read_tsv(path, ("premise", "hypothesis", "label"))
+        rows = read_nli_tsv(path)
         return [self._doc(r, f"{path} row {i + 1}") for i, r in enumerate(rows)]
 
     def from_records(self, records, lang, where):

@@ -14,7 +14,8 @@ Metrics (option ``qa_metric``):
 * ``token``: the same two scores on the model tokenizer's token ids of the stripped strings
   ([M25]'s variant): EM = identical id sequences, F1 over id multisets.
 
-Local files: ``DIR/xquad.LANG.json`` in SQuAD format (``data[].paragraphs[].qas[]``).
+Local files: ``DIR/xquad.LANG.json`` in SQuAD format (``data[].paragraphs[].qas[]``), read by
+:func:`read_squad` (which also reads the SQuAD training file of fine-tuning).
 """
 
 from __future__ import annotations
@@ -86,6 +87,35 @@ def token_em_f1(prediction: str, answers: Iterable[str], tokenizer) -> tuple[flo
     return em, f1
 
 
+def read_squad(path: Path, skip_unanswered: bool = False) -> list[dict]:
+    """Questions of a SQuAD v1.1-format JSON file (``data[].paragraphs[] -> {context, qas[] -> {id,
+    question, answers[].text}}``: SQuAD, XQuAD), one dict ``{id, context, question, answers}`` per
+    question in file order; ``answers`` holds every gold answer text. A question without answers is
+    an error, or is left out with ``skip_unanswered``; a question without ``id`` gets the number of
+    questions kept before it."""
+    if not Path(path).is_file():
+        raise UserError(f"data file {path} does not exist; give a SQuAD-format JSON file")
+    obj = read_json(Path(path))
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise UserError(f"{path}: not SQuAD format (a JSON object with a 'data' list); fix the file")
+    docs = []
+    try:
+        for art in obj["data"]:
+            for para in art["paragraphs"]:
+                for qa in para["qas"]:
+                    answers = [str(a["text"]) for a in qa.get("answers", [])]
+                    if not answers:
+                        if skip_unanswered:
+                            continue
+                        raise UserError(f"{path}: question {qa.get('id')!r} has no answers; fix the file")
+                    docs.append({"id": str(qa.get("id", len(docs))), "context": str(para["context"]),
+                                 "question": str(qa["question"]), "answers": answers})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not SQuAD format (missing or bad {e}); each article needs paragraphs "
+                        "with context and qas (question, answers[].text)") from None
+    return docs
+
+
 class XQuAD(GenerateTask):
     name = "xquad"
     description = "XQuAD exact match / F1 (greedy answer generation)"
@@ -107,23 +137,7 @@ class XQuAD(GenerateTask):
         return directory / f"xquad.{lang}.json"
 
     def read_file(self, path, lang, split):
-        obj = read_json(path)
-        if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
-            raise UserError(f"{path}: not SQuAD format (a JSON object with a 'data' list); fix the file")
-        docs = []
-        try:
-            for art in obj["data"]:
-                for para in art["paragraphs"]:
-                    for qa in para["qas"]:
-                        answers = [str(a["text"]) for a in qa["answers"]]
-                        if not answers:
-                            raise UserError(f"{path}: question {qa.get('id')!r} has no answers; fix the file")
-                        docs.append({"id": str(qa.get("id", len(docs))), "context": str(para["context"]),
-                                     "question": str(qa["question"]), "answers": answers})
-        except (KeyError, TypeError) as e:
-            raise UserError(f"{path}: not SQuAD format (missing or bad {e}); each article needs paragraphs "
-                            "with context and qas (question, answers[].text)") from None
-        return docs
+        return read_squad(path)
 
     def from_records(self, records, lang, where):
         docs = []
