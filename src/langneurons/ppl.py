@@ -47,7 +47,7 @@ import torch
 
 from .corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
 from .errors import UserError
-from .intervene import Intervention, intervene_rows
+from .intervene import Intervention
 
 from .artifacts import PPL_FORMAT, PPL_PARTIAL_FORMAT  # noqa: E402 - the tags are defined in the artifact registry
 
@@ -195,8 +195,8 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     from .runtime import ModelOptions, model_fingerprint, open_session
     from .intervene import parse_operator
     from .neuronset import NeuronSet, random_control
-    from .plots import plot_heatmap
     from .atomic import atomic_write_text
+    from .resume import Partial
     from .stats import ActivationStats
 
     check_run_options(cfg.window, cfg.batch_size, cfg.max_tokens, cfg.dtype)
@@ -249,45 +249,35 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
                "site": cfg.site, "stats": stats.fingerprint if stats is not None else None,
                "columns": {c: hashlib.sha256(np.ascontiguousarray(w, dtype=np.int64).tobytes()).hexdigest()
                            for c, w in columns.items()}}
-    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:20]
-    partial = out / ".partial" / "ppl.json"
-    done: dict[str, dict] = {}
-    if partial.is_file():
-        try:
-            saved = json.loads(partial.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
-                done = {c: v for c, v in saved["columns"].items() if c in columns}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            done = {}
-        if done and cfg.progress:
-            print(f"ppl: resuming: {len(done)} of {len(columns)} columns already computed ({', '.join(done)})",
-                  file=sys.stderr)
-
-    def checkpoint(code: str, result: dict) -> None:
-        done[code] = result
-        if session.is_main:
-            atomic_write_text(partial, json.dumps({"format": PPL_PARTIAL_FORMAT, "key": key, "columns": done}))
-
-    resumed = list(done)
-    res = perplexity_matrix(session, rows, columns, progress=cfg.progress, done=dict(done), on_column=checkpoint)
+    partial = Partial(out, "ppl", key_doc, PPL_PARTIAL_FORMAT, "columns", write=session.is_main)
+    done = {c: v for c, v in partial.parts.items() if c in columns}
+    if done and cfg.progress and session.is_main:
+        print(f"ppl: resuming: {len(done)} of {len(columns)} columns already computed ({', '.join(done)})",
+              file=sys.stderr)
+    res = perplexity_matrix(session, rows, columns, progress=cfg.progress, done=done, on_column=partial.add)
     record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, op.spec, adapter)
-    record["work"]["resumed_columns"] = resumed     # taken from the checkpoint of an interrupted run
+    record["work"]["resumed_columns"] = list(done)  # taken from the checkpoint of an interrupted run
     if not session.is_main:
         return record
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ppl.json", json.dumps(record, indent=1, ensure_ascii=False))
-    main_rows = ["baseline"] + row_langs + ([f"random:{c}" for c in row_langs] if cfg.random_seeds else [])
+    plot_ppl(record, row_langs, bool(cfg.random_seeds), op.spec, out / "ppl.png")
+    partial.clear()
+    return record
+
+
+def plot_ppl(record: dict, row_langs: list[str], with_random: bool, op: str, path: Path) -> None:
+    """``ppl.png``: the change in NLL of every language row (and its random control) on every column."""
+    from .plots import plot_heatmap
+    main_rows = ["baseline"] + row_langs + ([f"random:{c}" for c in row_langs] if with_random else [])
     labels = [r for r in main_rows if r != "baseline"]
     dn = record["delta_nll"]
     mat = [dn[record["rows"].index(r)] for r in labels]
     plot_heatmap([[float("nan") if v is None else v for v in row] for row in mat], labels, record["columns"],
-                 out / "ppl.png", fmt=".2f", cmap="magma",
-                 title=f"{op.spec} on language neurons: ΔNLL = log(PPL / baseline PPL); rows: neurons, "
+                 path, fmt=".2f", cmap="magma",
+                 title=f"{op} on language neurons: ΔNLL = log(PPL / baseline PPL); rows: neurons, "
                        "columns: evaluated language")
-    partial.unlink(missing_ok=True)
-    if partial.parent.is_dir() and not any(partial.parent.iterdir()):
-        partial.parent.rmdir()
-    return record
+
 
 
 def build_record(res: MatrixResult, row_langs: list[str], seeds: list[int], ns, cfg: PPLConfig, op: str,

@@ -29,6 +29,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..atomic import atomic_write_text
+from ..resume import Partial
 from . import get_task
 from ..runtime import Session
 
@@ -311,26 +312,26 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
                "stats": None if stats is None else stats.fingerprint,
                "docs": {lang: hashlib.sha256(json.dumps(data[lang][:2], sort_keys=True, default=str).encode())
                         .hexdigest() for lang in langs}}
-    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    partial = Path(cfg.out) / ".partial" / f"{task.name}.json"
-    done: dict[str, dict] = {}
-    if partial.is_file():
-        try:
-            saved = json.loads(partial.read_text(encoding="utf-8"))
-            done = saved["rows"] if saved.get("key") == key else {}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            done = {}
-        if done and log:
-            log(f"{task.name}: resuming: {len(done)} finished rows reused from {partial}")
+    partial = Partial(Path(cfg.out), task.name, key_doc, TASK_PARTIAL_FORMAT, "rows", write=scorer.is_main)
+    if partial.parts and log:
+        log(f"{task.name}: resuming: {len(partial.parts)} finished rows reused from {partial.path}")
+    rows = evaluate_rows(task, scorer, cfg, langs, data, options, ns, stats, log, done=dict(partial.parts),
+                         on_row=partial.add)
 
-    def checkpoint(k: str, row: dict) -> None:
-        done[k] = row
-        if scorer.is_main:
-            atomic_write_text(partial, json.dumps({"format": TASK_PARTIAL_FORMAT, "key": key, "rows": done},
-                                              ensure_ascii=False))
+    result = result_record(task, cfg, model, data, langs, options, ns, rows, round(time.time() - t0, 3))
+    if not scorer.is_main:
+        return result
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{task.name}.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(out / f"{task.name}.md", markdown(result) + "\n")
+    partial.clear()
+    return result
 
-    rows = evaluate_rows(task, scorer, cfg, langs, data, options, ns, stats, log, done=dict(done), on_row=checkpoint)
 
+def result_record(task, cfg: EvalConfig, model, data: dict, langs: list[str], options: dict, ns, rows: list[dict],
+                  seconds: float) -> dict:
+    """The ``TASK.json`` document: settings, one row per run, and the headline table."""
     result = {
         "format": FORMAT,
         "task": task.name,
@@ -355,18 +356,9 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         "padding": {"scoring": "right", "generation": "left"},
         "batch_size": cfg.batch_size,
         "rows": rows,
-        "seconds": round(time.time() - t0, 3),
+        "seconds": seconds,
     }
     labels, table = build_table(rows, langs, task.metrics[0])
     result["table"] = {"metric": task.metrics[0], "rows": labels, "columns": langs,
                        "values": [[table[lab].get(lang) for lang in langs] for lab in labels]}
-    if not scorer.is_main:
-        return result
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{task.name}.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    atomic_write_text(out / f"{task.name}.md", markdown(result) + "\n")
-    partial.unlink(missing_ok=True)
-    if partial.parent.is_dir() and not any(partial.parent.iterdir()):
-        partial.parent.rmdir()
     return result
