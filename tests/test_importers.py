@@ -249,3 +249,174 @@ def test_corrupt_files(tmp_path):
         import_tang2024_pth(cut)
     with pytest.raises(UserError, match="does not exist"):
         import_tang2024_pth(tmp_path / "none.pth")
+
+
+# ---- resource bounds: declared sizes are checked against the file before anything is allocated ----
+
+
+def _m25_doc(table):
+    return {"lang_to_neuron": table, "L": 2, "int_d": 4, "m": 2, "lang_list": list(table), "method": "lape/set1"}
+
+
+def _storage_blob(values=(1, 2), numel=None):
+    """The nested legacy torch.save blob of an int64 storage, optionally declaring another element count."""
+    import warnings
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(torch.tensor(list(values)).storage(), buf, _use_new_zipfile_serialization=False)
+    blob = buf.getvalue()
+    if numel is not None:  # the storage record ends (..., 'cpu', numel, None) -> rewrite numel as LONG1
+        head, sep, tail = blob.partition(b"cpuq\x03K\x02N")
+        assert sep, "unexpected legacy layout"
+        blob = head + b"cpuq\x03\x8a\x08" + numel.to_bytes(8, "little") + b"N" + tail
+    return blob
+
+
+class _BlobTensor:
+    """Pickles as a tensor over a storage read from ``blob`` (like the published [M25] files)."""
+
+    def __init__(self, blob, size=(1, 2), stride=(2, 1)):
+        self.blob, self.size, self.stride = blob, size, stride
+
+    def __reduce__(self):
+        import collections
+        storage = _Call(torch.storage._load_from_bytes, (self.blob,))
+        return (torch._utils._rebuild_tensor_v2, (storage, 0, self.size, self.stride, False, collections.OrderedDict()))
+
+
+class _Call:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def test_nested_blob_declaring_a_huge_storage_is_refused_before_allocating(tmp_path):
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps(_m25_doc({"en": _BlobTensor(_storage_blob())}), protocol=4))
+    assert import_mondal2025_pkl(ok).neurons["en"].tolist() == [[1, 2]]
+    huge = tmp_path / "huge.pkl"
+    huge.write_bytes(pickle.dumps(_m25_doc({"en": _BlobTensor(_storage_blob(numel=2**45))}), protocol=4))
+    with pytest.raises(UserError, match="declares 35184372088832 int64 elements") as info:
+        import_mondal2025_pkl(huge)
+    assert "\n" not in str(info.value) and "huge.pkl" in str(info.value)
+
+
+def test_pickled_dict_setting_a_language_twice_is_refused(tmp_path):
+    raw = pickle.dumps(_m25_doc({"en": torch.tensor([[0, 1]]), "xx": torch.tensor([[1, 2]])}), protocol=4)
+    path = tmp_path / "twice.pkl"
+    path.write_bytes(raw.replace(b"\x8c\x02xx", b"\x8c\x02en"))
+    with pytest.raises(UserError, match="sets key 'en' twice"):
+        import_mondal2025_pkl(path)
+
+
+class _BuildTensor:
+    """Pickles as REDUCE then BUILD: tensor.__setstate__ would call set_ with an absurd size."""
+
+    def __reduce__(self):
+        import collections
+        return (torch._utils._rebuild_tensor_v2,
+                (torch.tensor([0, 1]).storage(), 0, (1, 2), (2, 1), False, collections.OrderedDict()),
+                (torch.tensor([0, 1]).storage(), 0, (2**40,), (1,)))
+
+
+def test_build_opcode_is_refused(tmp_path):
+    path = tmp_path / "build.pkl"
+    path.write_bytes(pickle.dumps(_m25_doc({"en": _BuildTensor()}), protocol=4))
+    with pytest.raises(UserError, match="BUILD"):
+        import_mondal2025_pkl(path)
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
+    from langneurons import importers
+    path = tmp_path / "big.pkl"
+    path.write_bytes(pickle.dumps(_m25_doc({"en": torch.tensor([[0, 1]])}), protocol=4))
+    monkeypatch.setattr(importers, "MAX_IMPORT_BYTES", 100)
+    for load in (import_mondal2025_pkl, import_tang2024_pth):
+        with pytest.raises(UserError, match="more than any neuron file"):
+            load(path)
+
+
+class _Strided:
+    def __init__(self, size, stride, offset=0):
+        self.size, self.stride, self.offset = size, stride, offset
+
+    def __reduce__(self):
+        import collections
+        return (torch._utils._rebuild_tensor_v2,
+                (torch.tensor([0, 1, 5]).storage(), self.offset, self.size, self.stride, False,
+                 collections.OrderedDict()))
+
+
+def test_legacy_pth_is_scanned_before_torch_load(tmp_path):
+    good = tmp_path / "legacy.pth"
+    torch.save([[torch.tensor([0, 5])]], good, _use_new_zipfile_serialization=False)
+    assert import_tang2024_pth(good, model={"width": 8}).neurons["en"].tolist() == [[0, 0], [0, 5]]
+    for name, tensor, fragment in [("stride", _Strided((2,), (2**50,)), "reaches element"),
+                                   ("negative", _Strided((2,), (-1,)), "negative stride"),
+                                   ("offset", _Strided((1,), (1,), offset=2**40), "storage offset"),
+                                   ("zero", _Strided((2**40,), (0,)), "expands a 3-element storage")]:
+        bad = tmp_path / f"{name}.pth"
+        torch.save([[tensor]], bad, _use_new_zipfile_serialization=False)
+        with pytest.raises(UserError, match=fragment) as info:
+            import_tang2024_pth(bad, model={"width": 8})
+        assert "\n" not in str(info.value)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:-5])
+    with pytest.raises(UserError, match="truncated"):
+        import_tang2024_pth(cut, model={"width": 8})
+
+
+def test_compressed_pth_record_is_refused(tmp_path):
+    import zipfile
+    src = tmp_path / "masks.pth"
+    torch.save([[torch.tensor([0, 5])]], src)
+    packed = tmp_path / "packed.pth"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    with pytest.raises(UserError, match="compressed"):
+        import_tang2024_pth(packed, model={"width": 8})
+
+
+def test_shared_storage_cannot_exceed_the_file(tmp_path):
+    """Many tensors viewing one storage: their elements together may not exceed the file's bytes."""
+    big = torch.arange(50_000)
+    path = tmp_path / "shared.pth"
+    torch.save([[big] * 200], path)  # one 400 KB storage referenced 200 times: 10M elements
+    with pytest.raises(UserError, match="more than a"):
+        import_tang2024_pth(path, model={"width": 50_000})
+
+
+def test_languages_given_twice_are_refused(tmp_path):
+    path = tmp_path / "masks.pth"
+    torch.save([[torch.tensor([0])], [torch.tensor([1])]], path)
+    with pytest.raises(UserError, match="twice"):
+        import_tang2024_pth(path, languages="en,en", model={"width": 8})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ((2, 0, (2,), (1,)), None),
+    ((2, 0, (2, 2), (0, 1)), None),  # small zero-stride expansion is tolerated
+    ((2, 0, (0,), (2**60,)), None),  # empty: strides are irrelevant
+    ((2, 3, (0,), (1,)), "storage offset 3 is beyond"),
+    ((2, 2, (1,), (1,)), "storage offset 2 is beyond"),
+    ((2, 0, (3,), (1,)), "reaches element 2"),
+    ((2, 0, (2,), (-1,)), "negative stride"),
+    ((2, 0, (-1,), (1,)), "negative size"),
+    ((2, 0, (2, 2), (1,)), "differ in length"),
+    ((2, -1, (1,), (1,)), "storage offset -1"),
+    ((2, 0, [2], [1]), "not a tuple"),
+    ((2, 0, (2.0,), (1,)), "not a tuple"),
+    ((2, 0, (True,), (1,)), "not a tuple"),
+    ((2, 0, (2**31, 2), (0, 1)), "expands a 2-element storage"),
+])
+def test_check_view(args, fragment):
+    from langneurons.importers import _BoundsError, _check_view
+    if fragment is None:
+        _check_view(*args)
+    else:
+        with pytest.raises(_BoundsError, match=fragment):
+            _check_view(*args)

@@ -112,10 +112,44 @@ def _doc(ns):
     return ns.to_dict()
 
 
-def test_load_sorts_unsorted_rows(ns, tmp_path):
+@pytest.mark.parametrize("rows, pattern, repaired", [
+    ([[3, 4], [0, 1], [1, 9]], r"row \[0, 1\] after \[3, 4\]; rows must be sorted", [[0, 1], [1, 9], [3, 4]]),
+    ([[0, 1], [1, 9], [1, 9]], r"lists row \[1, 9\] twice", [[0, 1], [1, 9]]),
+])
+def test_load_refuses_unsorted_or_duplicate_rows_unless_normalising(ns, tmp_path, rows, pattern, repaired):
+    """Files hold sorted unique rows (the format says so); normalise=True repairs one."""
     doc = _doc(ns)
-    doc["neurons"]["en"] = [[3, 4], [0, 1], [1, 9]]
-    assert NeuronSet.load(_write(tmp_path, doc)).neurons["en"].tolist() == [[0, 1], [1, 9], [3, 4]]
+    doc["neurons"]["en"] = rows
+    path = _write(tmp_path, doc)
+    with pytest.raises(UserError, match=pattern) as info:
+        NeuronSet.load(path)
+    assert str(path) in str(info.value) and "normalise=True" in str(info.value)
+    with pytest.raises(UserError, match=pattern):
+        NeuronSet.from_dict(doc)
+    fixed = NeuronSet.load(path, normalise=True)
+    assert fixed.neurons["en"].tolist() == repaired
+    fixed.save(path)
+    assert NeuronSet.load(path) == fixed
+    assert make({"en": rows}).neurons["en"].tolist() == repaired  # the constructor sorts and de-duplicates
+
+
+@pytest.mark.parametrize("rows, model, pattern", [
+    ([[0, 2**70]], {}, "outside the model shape"),
+    ([[-2**64, 0]], {}, "outside the model shape"),
+    (torch.tensor([[0, 10]]), {}, "outside the model shape"),
+    ([], {"num_layers": 10**6 + 1}, "beyond any real model"),
+    ([], {"width": 10**8 + 1}, "beyond any real model"),
+    ([], {"num_layers": 10**5, "width": 10**5}, "more than"),
+])
+def test_constructor_rejects_out_of_range(rows, model, pattern):
+    with pytest.raises(UserError, match=pattern):
+        NeuronSet({"en": rows}, {**MODEL, **model}, {"name": "x"})
+
+
+def test_save_refuses_a_set_without_languages(tmp_path):
+    with pytest.raises(UserError, match="no languages"):
+        NeuronSet({}, MODEL, {"name": "x"}).save(tmp_path / "empty.json")
+    assert not (tmp_path / "empty.json").exists()
 
 
 @pytest.mark.parametrize("mutate, pattern", [
@@ -130,6 +164,12 @@ def test_load_sorts_unsorted_rows(ns, tmp_path):
     (lambda d: d["model"].update(width="ten"), "width"),
     (lambda d: d["model"].update(site="mlp"), "site"),
     (lambda d: d["model"].pop("site"), "site"),
+    (lambda d: d["model"].update(num_layers=10**30), "beyond any real model"),
+    (lambda d: d["neurons"].update(en=[[0, 2**63]]), "outside the model shape"),
+    (lambda d: d["neurons"].update(en=[[0, 1], [0, 1]]), "twice"),
+    (lambda d: d["method"].update(languages=None), "method.languages must be a list"),
+    (lambda d: d["method"].update(languages=[["en"]]), "method.languages must be a list"),
+    (lambda d: (d["method"].update(languages=[]), d.update(neurons={})), "no languages"),
 ])
 def test_load_rejects_bad_files(ns, tmp_path, mutate, pattern):
     doc = _doc(ns)

@@ -2,9 +2,11 @@
 
 Every artifact is a JSON object carrying ``"format": "langneurons.<kind>.v<N>"`` (the fine-tuning
 checkpoint is a torch file holding the same key). The tag constants below are the only definitions;
-the writing modules import them from here. :func:`load` reads a file and checks it minimally (a JSON
-object with a known tag and the keys its readers need); :func:`kind_of` names the kind of a file or
-document; each kind names the function of :mod:`langneurons.report.sections` that renders it.
+the writing modules import them from here. :func:`load` reads a file and checks it (a JSON object
+with no repeated key, a known tag and the keys its readers need; a kind with a ``loader``, such as
+``neuronset``, is checked in full by that loader, the one validation of its files); :func:`kind_of`
+names the kind of a file or document; each kind names the function of
+:mod:`langneurons.report.sections` that renders it.
 
 =======================  ===================================  ==========================================
 kind                     file                                 written by
@@ -51,7 +53,8 @@ from typing import Any, Callable, Optional, Union
 
 from .errors import UserError
 
-__all__ = ["Kind", "KINDS", "kinds", "kind_of", "load", "validate", "tag_of", "renderer", "python_loader"]
+__all__ = ["Kind", "KINDS", "kinds", "kind_of", "load", "loads_json", "validate", "tag_of", "renderer",
+           "python_loader"]
 
 PREFIX = "langneurons."
 
@@ -99,6 +102,7 @@ class Kind:
     python: str = "langneurons.artifacts.load(path)"
     legacy: tuple = ()              # older tags read as this kind
     binary: bool = False            # a torch file, not JSON
+    loader: str = ""                # MODULE:CALLABLE(doc, where) that checks a document in full
 
     @property
     def name(self) -> str:
@@ -110,7 +114,8 @@ _KINDS = [
     Kind(STATS_FORMAT, "stats.json", "collect", "Activation statistics", "core.section_stats",
          {"model": _D, "languages": _D}, "langneurons.ActivationStats.load(directory)"),
     Kind(NEURONSET_FORMAT, "*.json (neuron set)", "identify, neurons import, bridge select", "Neuron sets",
-         "core.section_neurons", {"model": _D, "method": _D, "neurons": _D}, "langneurons.NeuronSet.load(path)"),
+         "core.section_neurons", {"model": _D, "method": _D, "neurons": _D}, "langneurons.NeuronSet.load(path)",
+         loader="langneurons.neuronset:NeuronSet.from_dict"),
     Kind(INTERVENTION_FORMAT, "*.json (Intervention.to_dict())", "library", "Interventions",
          "core.section_intervention", {"operator": _S, "languages": _L},
          "langneurons.intervene.Intervention.from_dict(load(path))"),
@@ -194,6 +199,36 @@ def _kind_of_doc(doc: Any) -> Optional[str]:
     return None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def loads_json(text: str, where: str) -> Any:
+    """``json.loads`` that refuses a key repeated in one object (which plain ``json`` keeps silently:
+    the last one wins) and nesting too deep to parse, with a :class:`UserError` naming ``where``.
+    Syntax errors propagate as :class:`json.JSONDecodeError` for the caller to word."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as e:
+        raise UserError(f"{where}: the key {e.key!r} appears twice in one JSON object; each key (a language, "
+                        f"a field) may appear once: remove the duplicate or regenerate the file") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read; it is not a langneurons file") from None
+    except MemoryError:
+        raise UserError(f"{where}: too large to read; it is not a langneurons file") from None
+
+
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path} does not exist; give the path of a file written by langneurons")
@@ -205,7 +240,7 @@ def _read(path: Path) -> Any:
             raise UserError(f"{path} is not a readable torch file ({e.__class__.__name__}); "
                             "delete it and rerun the command that wrote it") from None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not readable JSON ({e.__class__.__name__}: {e}); "
                         "rerun the langneurons command that wrote it") from None
@@ -248,7 +283,17 @@ def validate(doc: Any, kind: Optional[str] = None, where: str = "document") -> d
     if bad:
         raise UserError(f"{where}: this {k.tag} file lacks {', '.join(bad)}; it is damaged or truncated, "
                         f"rerun {k.writer}")
+    if k.loader:
+        _loader(k)(doc, where)
     return doc
+
+
+def _loader(k: Kind) -> Callable:
+    module, qualname = k.loader.split(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def load(path: Union[str, os.PathLike], kind: Optional[str] = None) -> dict:

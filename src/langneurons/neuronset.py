@@ -14,7 +14,13 @@ File format (JSON, public contract)::
 
 Rows are ``[layer, index]``, sorted lexicographically and unique. Every language listed in
 ``method.languages`` has a key in ``neurons`` (possibly an empty list), and ``neurons`` has no
-other keys.
+other keys. A file holds at least one language, and no JSON object in it repeats a key.
+
+Files are validated in one place, :meth:`NeuronSet.from_dict` (which :meth:`NeuronSet.load` and the
+artifact registry use): any departure from the format above, a model shape beyond
+:data:`MAX_LAYERS` x :data:`MAX_WIDTH` (at most :data:`MAX_NEURONS` neurons), or a row outside the
+model shape is refused with one :class:`~langneurons.errors.UserError` line. The constructor is
+lenient where a program may be: it sorts rows and drops duplicates.
 
 Besides the container this module provides set algebra (union, intersection, difference,
 selection, renaming), overlap measures (Jaccard index, overlap counts, layer distributions) and
@@ -35,7 +41,16 @@ from .atomic import atomic_write_text
 from .errors import UserError
 
 from .artifacts import NEURONSET_FORMAT as FORMAT  # noqa: E402 - the tag is defined in the artifact registry
+from .artifacts import loads_json
 SITES = ("pre", "act", "product")
+
+#: Bounds on the model shape a set may record: far beyond any real model (the largest MLPs have
+#: about 130 layers of width 5e4), small enough that an [L, I] mask fits in memory.
+MAX_LAYERS = 10**6
+MAX_WIDTH = 10**8
+MAX_NEURONS = 2**32
+
+_NORMALISE_FIX = "NeuronSet.load(path, normalise=True).save(path) rewrites the file sorted and unique"
 
 _MODEL_KEYS = ("name_or_path", "model_type", "num_layers", "width", "site")
 _METHOD_KEYS = ("name", "params", "languages", "stats_fingerprint")
@@ -71,6 +86,13 @@ def _normalise_model(model: Mapping, where: str) -> dict:
         if not _is_int(value) or value <= 0:
             raise UserError(f"{where}: model.{key} must be a positive integer, got {value!r}; "
                             f"give the model shape (layers x MLP width)")
+    for key, limit in (("num_layers", MAX_LAYERS), ("width", MAX_WIDTH)):
+        if out[key] > limit:
+            raise UserError(f"{where}: model.{key} = {out[key]} is beyond any real model (at most {limit}); "
+                            f"the model shape is damaged: give the real layers x MLP width")
+    if out["num_layers"] * out["width"] > MAX_NEURONS:
+        raise UserError(f"{where}: model shape {out['num_layers']}x{out['width']} has more than {MAX_NEURONS} "
+                        f"neurons, beyond any real model; the model shape is damaged: give the real one")
     site = out.get("site", "act")
     if site is None:
         site = "act"
@@ -116,8 +138,13 @@ def _normalise_method(method: Mapping | None, where: str) -> dict:
     return {**{k: out.get(k) for k in _METHOD_KEYS}, **{k: v for k, v in out.items() if k not in _METHOD_KEYS}}
 
 
-def _rows_to_tensor(rows, lang: str, where: str) -> torch.Tensor:
-    """Turn a LongTensor [n, 2] or a sequence of pairs into an int64 tensor [n, 2] (unchecked range)."""
+def _outside(where: str, lang: str, row, L: int, I: int) -> UserError:
+    return UserError(f"{where}: neurons[{lang!r}] has row {row} outside the model shape "
+                     f"{L}x{I} (layer < {L}, index < {I}); fix the row or the model shape")
+
+
+def _rows_to_tensor(rows, lang: str, where: str, L: int, I: int) -> torch.Tensor:
+    """Turn a LongTensor [n, 2] or a sequence of pairs into an int64 tensor [n, 2] inside ``L x I``."""
     if not isinstance(rows, torch.Tensor) and type(rows).__module__ == "numpy" and hasattr(rows, "dtype"):
         try:
             rows = torch.as_tensor(rows)
@@ -132,6 +159,9 @@ def _rows_to_tensor(rows, lang: str, where: str) -> torch.Tensor:
         if tensor.dim() != 2 or tensor.shape[1] != 2:
             raise UserError(f"{where}: neurons[{lang!r}] must have shape [n, 2] (layer, index), "
                             f"got {tuple(tensor.shape)}")
+        bad = (tensor[:, 0] < 0) | (tensor[:, 0] >= L) | (tensor[:, 1] < 0) | (tensor[:, 1] >= I)
+        if bool(bad.any()):
+            raise _outside(where, lang, tensor[int(bad.nonzero()[0, 0])].tolist(), L, I)
         return tensor.clone()
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
         raise UserError(f"{where}: neurons[{lang!r}] must be a list of [layer, index] pairs, got {type(rows).__name__}")
@@ -141,8 +171,34 @@ def _rows_to_tensor(rows, lang: str, where: str) -> torch.Tensor:
                 or not all(_is_int(v) for v in row)):
             raise UserError(f"{where}: neurons[{lang!r}] has a bad row {row!r}; "
                             f"every row must be a pair of integers [layer, index]")
-        flat.extend(int(v) for v in row)
+        layer, index = int(row[0]), int(row[1])
+        if not (0 <= layer < L and 0 <= index < I):  # checked here: beyond int64 is no tensor
+            raise _outside(where, lang, [layer, index], L, I)
+        flat.extend((layer, index))
     return torch.tensor(flat, dtype=torch.int64).reshape(-1, 2)
+
+
+def _check_sorted_unique(rows: torch.Tensor, width: int, lang: str, where: str) -> None:
+    """Refuse rows that are not strictly increasing in (layer, index), as files must be."""
+    if rows.shape[0] < 2:
+        return
+    keys = rows[:, 0] * width + rows[:, 1]
+    step = keys[1:] - keys[:-1]
+    bad = (step <= 0).nonzero()
+    if bad.numel() == 0:
+        return
+    i = int(bad[0, 0])
+    a, b = rows[i].tolist(), rows[i + 1].tolist()
+    if a == b:
+        raise UserError(f"{where}: neurons[{lang!r}] lists row {a} twice; rows must be unique and sorted by "
+                        f"(layer, index): drop the duplicate ({_NORMALISE_FIX})")
+    raise UserError(f"{where}: neurons[{lang!r}] has row {b} after {a}; rows must be sorted by (layer, index) "
+                    f"and unique: sort them ({_NORMALISE_FIX})")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
 
 
 def _sorted_unique_rows(rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -181,7 +237,8 @@ class NeuronSet:
     last saved to, else ``None``).
     """
 
-    def __init__(self, neurons: Mapping, model: Mapping, method: Mapping | None = None, *, _where: str | None = None):
+    def __init__(self, neurons: Mapping, model: Mapping, method: Mapping | None = None, *, _where: str | None = None,
+                 _strict: bool = False):
         where = _where or "neuron set"
         if not isinstance(neurons, Mapping):
             raise UserError(f"{where}: 'neurons' must be a dict mapping language -> [[layer, index], ...]")
@@ -205,13 +262,9 @@ class NeuronSet:
         L, I = self.model["num_layers"], self.model["width"]
         self.neurons: dict[str, torch.Tensor] = {}
         for lang in languages:
-            rows = _rows_to_tensor(neurons.get(lang, []), lang, where)
-            if rows.shape[0]:
-                bad = (rows[:, 0] < 0) | (rows[:, 0] >= L) | (rows[:, 1] < 0) | (rows[:, 1] >= I)
-                if bool(bad.any()):
-                    row = rows[int(bad.nonzero()[0, 0])].tolist()
-                    raise UserError(f"{where}: neurons[{lang!r}] has row {row} outside the model shape "
-                                    f"{L}x{I} (layer < {L}, index < {I}); fix the row or the model shape")
+            rows = _rows_to_tensor(neurons.get(lang, []), lang, where, L, I)
+            if _strict:  # a file: rows must already be sorted and unique
+                _check_sorted_unique(rows, I, lang, where)
             self.neurons[lang] = _sorted_unique_rows(rows, I)
 
     # ---- basic properties ------------------------------------------------------------------
@@ -347,6 +400,9 @@ class NeuronSet:
     def save(self, path) -> Path:
         """Write the set as JSON, atomically (temporary file + ``os.replace``). Returns the path."""
         path = Path(path)
+        if not self.neurons:
+            raise UserError(f"cannot save neuron set to {path}: it holds no languages, and a neuron-set file "
+                            f"needs at least one; select languages the set has")
         doc = self.to_dict()
         try:
             head = json.dumps({k: doc[k] for k in ("format", "model", "method")}, indent=2, ensure_ascii=False)
@@ -363,8 +419,12 @@ class NeuronSet:
         return path
 
     @classmethod
-    def from_dict(cls, doc, where: str = "neuron set") -> "NeuronSet":
-        """Validate a parsed document (see the module docstring) and build the set."""
+    def from_dict(cls, doc, where: str = "neuron set", *, normalise: bool = False) -> "NeuronSet":
+        """Validate a parsed document (see the module docstring) and build the set.
+
+        Rows must be sorted by ``(layer, index)`` and unique, as files are written; with
+        ``normalise=True`` they are sorted and de-duplicated instead (to repair a file).
+        """
         if not isinstance(doc, dict):
             raise UserError(f"{where}: expected a JSON object with format/model/method/neurons, "
                             f"got {type(doc).__name__}")
@@ -382,19 +442,24 @@ class NeuronSet:
         if not isinstance(neurons, dict):
             raise UserError(f"{where}: 'neurons' must be an object mapping language -> [[layer, index], ...]")
         languages = method["languages"]
-        if isinstance(languages, list):
-            absent = [lang for lang in languages if lang not in neurons]
-            if absent:
-                raise UserError(f"{where}: method.languages lists {absent} but 'neurons' has no key for them; "
-                                f"every listed language needs a key (an empty list if it has no neurons)")
+        if not isinstance(languages, list) or not all(isinstance(x, str) and x for x in languages):
+            raise UserError(f"{where}: method.languages must be a list of language codes (the keys of "
+                            f"'neurons'), got {languages!r}")
+        absent = [lang for lang in languages if lang not in neurons]
+        if absent:
+            raise UserError(f"{where}: method.languages lists {absent} but 'neurons' has no key for them; "
+                            f"every listed language needs a key (an empty list if it has no neurons)")
+        if not languages and not neurons:
+            raise UserError(f"{where}: the set holds no languages (method.languages and 'neurons' are empty); "
+                            f"a neuron-set file needs at least one: regenerate it")
         model = doc["model"]
         if isinstance(model, dict) and "site" not in model:
             raise UserError(f"{where}: model.site is missing; add one of {', '.join(SITES)}")
-        return cls(neurons, model, method, _where=where)
+        return cls(neurons, model, method, _where=where, _strict=not normalise)
 
     @classmethod
-    def load(cls, path) -> "NeuronSet":
-        """Read and validate a neuron-set JSON file; rows are sorted on load."""
+    def load(cls, path, *, normalise: bool = False) -> "NeuronSet":
+        """Read and validate a neuron-set JSON file (see :meth:`from_dict`; ``normalise`` sorts rows)."""
         path = Path(path)
         where = f"neuron set {path}"
         try:
@@ -403,14 +468,16 @@ class NeuronSet:
             raise UserError(f"{where} does not exist; check the path") from None
         except IsADirectoryError:
             raise UserError(f"{where} is a directory; give the .json file") from None
+        except MemoryError:
+            raise UserError(f"{where} is too large to read; it is not a neuron-set file") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read {where}: {exc}") from None
+            raise UserError(f"cannot read {where}: {_one_line(exc)}") from None
         try:
-            doc = json.loads(text)
+            doc = loads_json(text, where)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}); "
                             f"the file is corrupt or truncated: regenerate it") from None
-        ns = cls.from_dict(doc, where=where)
+        ns = cls.from_dict(doc, where=where, normalise=normalise)
         ns.path = path
         return ns
 
