@@ -165,7 +165,8 @@ def test_sentence_methods_need_sentence_stats(demo_stats, tmp_path, capsys):
 def test_bad_input_exit_2_one_line_no_output(demo_stats, tmp_path, capsys, argv, words):
     out = tmp_path / "out.json"
     out.write_text("previous result")
-    assert main(["identify", argv[0], "--stats", str(demo_stats), "--out", str(out), *argv[1:]]) == 2
+    # --overwrite: the previous result may be replaced, but not by a run that fails
+    assert main(["identify", argv[0], "--stats", str(demo_stats), "--out", str(out), "--overwrite", *argv[1:]]) == 2
     one_error_line(capsys, *words)
     assert out.read_text() == "previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]   # no temporary file left either

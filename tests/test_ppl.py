@@ -248,6 +248,7 @@ def test_interrupted_ppl_resumes_per_column_and_ends_identical(demo_model, demo_
     monkeypatch.setattr(P, "perplexity_matrix", crash_after_first_column)
     main(_demo_args(demo_model, out, tmp_path / "ns.json", *args))
     monkeypatch.setattr(P, "perplexity_matrix", real)
-    assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *args[:2], "--operator", "set:mean",
-                           "--stats", str(demo_stats))) == 0
+    other = (*args[:2], "--operator", "set:mean", "--stats", str(demo_stats))
+    assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *other)) == 2      # another run's ppl.json is kept
+    assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *other, "--overwrite")) == 0
     assert json.loads((out / "ppl.json").read_text())["work"]["resumed_columns"] == []

@@ -182,7 +182,8 @@ def test_old_spellings_work_with_a_one_line_note(demo_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out-dir is deprecated" in err[0] and "use --out" in err[0]
     assert any(p.suffix == ".png" for p in (tmp_path / "plots").iterdir())
-    rc = main(["eval", "xcopa", "--model", str(tmp_path / "missing"), "--langs", "zh", "--out", str(tmp_path / "e")])
+    rc = main(["eval", "xcopa", "--model", str(tmp_path / "missing"), "--langs", "zh", "--limit", "-1",
+               "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "--langs is deprecated" in err[0] and len(err) == 2
 

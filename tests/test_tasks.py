@@ -343,13 +343,14 @@ def test_malformed_task_files_exit_2_with_one_line(tmp_path, capsys, task, files
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
     for argv, expect in ((["nosuch"], "unknown task"),
                          (["xcopa", "--setting", "self"], "needs --neurons"),
                          (["xcopa", "--setting", "both"], "unknown --setting"),
                          (["xcopa", "--option", "strip=middle"], "strip must be one of"),
                          (["xcopa", "--option", "nope=1"], "has no option"),
                          (["xcopa", "--limit", "0"], "--limit must be at least 1")):
-        rc, err = _eval([*argv, "--model", "m", "--languages", "zh", "--data", str(tmp_path), "--out",
+        rc, err = _eval([*argv, "--model", "m", "--languages", "zh", "--data", str(tmp_path / "d"), "--out",
                          str(tmp_path / "o")], capsys)
         assert rc == 2 and len(err.splitlines()) == 1 and expect in err, (argv, err)
 
@@ -469,7 +470,8 @@ def test_interrupted_eval_resumes_finished_rows(demo_model, demo, tmp_path, monk
     assert run(out) == 130 and (out / ".partial" / "xcopa.json").is_file()
     calls.clear()
     monkeypatch.setattr(XCOPA, "evaluate", lambda self, *a, **kw: (calls.append(a[2]), real(self, *a, **kw))[1])
-    assert run(out, "--operator", "set:-1") == 0
+    assert run(out, "--operator", "set:-1") == 2 and calls == []   # another run's xcopa.json is kept
+    assert run(out, "--operator", "set:-1", "--overwrite") == 0
     assert calls == ["zh", "zh", "it", "it"]
 
 

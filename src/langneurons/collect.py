@@ -306,11 +306,13 @@ def _lang_key(cfg: CollectConfig, model_fp: str, cfp: str, world: int, rank: int
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_out(out: Path, ident: dict) -> Optional[dict]:
-    """Existing metadata of OUT if it holds statistics of the same model and settings; else raise."""
+def existing_out(out: Path) -> Optional[dict]:
+    """The metadata of the statistics already in OUT (None for a new or empty directory); raises
+    when OUT holds something else. Cheap: the command calls it before any model is loaded."""
+    out = Path(out)
     f = out / "stats.json"
     if not f.exists():
-        if out.exists() and any(p.name != ".partial" for p in out.iterdir()):
+        if out.is_dir() and any(p.name != ".partial" for p in out.iterdir()):
             raise UserError(f"--out {out} exists and is not a langneurons statistics directory; "
                             "choose a new or empty directory")
         return None
@@ -318,8 +320,16 @@ def _check_out(out: Path, ident: dict) -> Optional[dict]:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{f} is corrupt; choose a new --out directory") from None
-    if meta.get("format") != STATS_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
         raise UserError(f"{f} is not a langneurons statistics file; choose a new --out directory")
+    return meta
+
+
+def _check_out(out: Path, ident: dict) -> Optional[dict]:
+    """Existing metadata of OUT if it holds statistics of the same model and settings; else raise."""
+    meta = existing_out(out)
+    if meta is None:
+        return None
     theirs = meta.get("identity", {})
     diff = [k for k in ident if theirs.get(k) != ident[k]]
     if diff:

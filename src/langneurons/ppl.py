@@ -187,6 +187,7 @@ class PPLConfig:
     seed: int = 0
     cache_dir: Optional[Path] = None
     progress: bool = True
+    command_key: Optional[str] = None   # recorded in ppl.json (langneurons.outputs: reruns of the same command)
 
 
 def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
@@ -257,6 +258,9 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     res = perplexity_matrix(session, rows, columns, progress=cfg.progress, done=done, on_column=partial.add)
     record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, op.spec, adapter)
     record["work"]["resumed_columns"] = list(done)  # taken from the checkpoint of an interrupted run
+    if cfg.command_key:
+        from .outputs import KEY_FIELD
+        record[KEY_FIELD] = cfg.command_key
     if not session.is_main:
         return record
     out.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,7 @@ def _add_dictionary(p, split_default: str, limit_default: Optional[int]) -> None
 
 
 def register(sub) -> None:
+    from .options import add_overwrite
     p = sub.add_parser("bridge", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
@@ -114,6 +115,7 @@ def register(sub) -> None:
     _add_dictionary(pr, "train", 200)
     _add_names(pr)
     pr.add_argument("--out", required=True, type=Path, help="output directory")
+    add_overwrite(pr)
     pr.add_argument("--filter", default="correct", choices=("correct", "all", "none"),
                     help="which words become probes: correct (default), all (record correctness), none (no generation)")
     pr.add_argument("--max-probes", type=int, default=None, help="keep at most this many probes per pair [all]")
@@ -138,6 +140,7 @@ def register(sub) -> None:
     se.add_argument("--bridge-exclude", default="none", choices=("none", "pair"),
                     help="Y neurons: T_b (none, default) or T_b minus (T_s | T_t) (pair)")
     se.add_argument("--out", required=True, type=Path, help="output directory")
+    add_overwrite(se)
     se.set_defaults(func=run_select)
 
     bl = cmds.add_parser("bli", help="word translation accuracy without and with each bridge (chained prompts)",
@@ -153,6 +156,7 @@ def register(sub) -> None:
                     help="output directory of 'bridge select': marks the selected bridge of each pair")
     bl.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per translation [8]")
     bl.add_argument("--out", required=True, type=Path, help="output directory")
+    add_overwrite(bl)
     bl.set_defaults(func=run_bli)
 
     mr = cmds.add_parser("mrc", help="multiple-choice reading comprehension with the passage translated into each bridge",
@@ -167,6 +171,7 @@ def register(sub) -> None:
     mr.add_argument("--limit", type=int, default=None, help="first N items [all]")
     mr.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens for a passage translation [256]")
     mr.add_argument("--out", required=True, type=Path, help="output directory")
+    add_overwrite(mr)
     mr.set_defaults(func=run_mrc)
 
     sp = cmds.add_parser("spectrum", help="language-by-language neuron similarity matrices and heatmaps",
@@ -179,6 +184,7 @@ def register(sub) -> None:
                     help="probe directory: adds the HSIC matrix over all its probes (concatenated)")
     _add_hsic(sp)
     sp.add_argument("--out", required=True, type=Path, help="output directory")
+    add_overwrite(sp)
     sp.set_defaults(func=run_spectrum)
 
 
@@ -202,6 +208,20 @@ def _add_hsic(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _check_out(args, inputs, writes, keyed, shared=(), what="the results") -> str:
+    """Refuse a bad --out before any model or data is read; return the command's key (recorded in
+    the JSON results, so the same command may run again over its own results)."""
+    from ..outputs import check_dir, command_key
+    key = command_key(args)
+    check_dir(args.out, inputs=inputs, shared=shared, writes=writes, key=key, keyed=keyed,
+              overwrite=args.overwrite, what=what)
+    return key
+
+
+def _dictionary_inputs(args) -> list:
+    return [("model directory", args.model), ("MUSE directory", args.muse_dir), ("dictionary", args.dict)]
+
+
 def _pairs(items) -> list[tuple[str, str]]:
     out = []
     for item in items:
@@ -309,8 +329,12 @@ def run_probe(args) -> int:
     from ..arch import check_site
     from ..bridge.icl import HFGenerator
     from ..bridge.probe import build_probes
-    check_site(args.site)
+    from ..outputs import KEY_FIELD
     pairs = _pairs(args.pair)
+    names_out = [f"probes-{s}-{t}.{x}" for s, t in pairs for x in ("json", "safetensors")] + ["probe_summary.json"]
+    key = _check_out(args, [*_dictionary_inputs(args), ("statistics directory", args.stats)], names_out,
+                     [n for n in names_out if n.endswith(".json")], what="the probes")
+    check_site(args.site)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if args.max_probes is not None and args.max_probes < 1:
@@ -321,7 +345,7 @@ def run_probe(args) -> int:
     gen = HFGenerator(session, args.max_new_tokens, token_healing=args.token_healing)
     summary = {"format": PROBE_SUMMARY_FORMAT,
                "model": args.model, "filter": args.filter, "split": args.split, "limit": args.limit,
-               "token_healing": args.token_healing, "pairs": {}}
+               "token_healing": args.token_healing, "pairs": {}, KEY_FIELD: key}
     for (s, t), entries in dicts.items():
         ps = build_probes(session, entries, s, t, names, args.filter, gen, site=args.site,
                           include_special=args.include_special, max_probes=args.max_probes,
@@ -329,7 +353,7 @@ def run_probe(args) -> int:
                                       "dictionary": str(args.dict or args.muse_dir),
                                       "split": args.split, "limit": args.limit, "shuffle": args.shuffle,
                                       "seed": args.seed, "skip_identical": args.skip_identical,
-                                      "max_new_tokens": args.max_new_tokens})
+                                      "max_new_tokens": args.max_new_tokens, KEY_FIELD: key})
         if not session.is_main:
             continue
         ft, fj = ps.save(args.out)
@@ -354,8 +378,17 @@ def run_select(args) -> int:
     from ..bridge.overlap import NeuronDefinition, bridge_mask, overlap_mask
     from ..bridge.probe import ProbeSet
     from ..bridge.select import plot_ranking, rank_bridges, save_ranking
+    from ..outputs import ensure_dir
     from ..neuronset import NeuronSet
+    from ..outputs import KEY_FIELD
     pairs = _pairs(args.pair)
+    keyed = [f"ranking-{s}-{t}.json" for s, t in pairs] + ["selection.json"]
+    key = _check_out(args, [("statistics directory", args.stats), ("neuron-set file", args.neurons),
+                            *[(f"probe file of {s}-{t}", Path(args.probes) / f"probes-{s}-{t}.{x}")
+                              for s, t in pairs for x in ("json", "safetensors")]],
+                     keyed + [f"ranking-{s}-{t}.png" for s, t in pairs]
+                     + ["language_neurons.json", "overlap_neurons.json"], keyed, shared=[args.probes],
+                     what="the bridge selection")
     definition = NeuronDefinition(args.overlap, args.bridge_exclude)
     candidates = _codes(args.candidates)
     if not candidates:
@@ -381,12 +414,12 @@ def run_select(args) -> int:
     for (s, t), ps in probes.items():   # everything is computed before anything is written
         res = rank_bridges(ps.acts, masks, s, t, available, layers, definition, args.hsic, args.sigma)
         res.update(n_probes=ps.n, probe_filter=ps.meta.get("filter"), candidates_unavailable=dropped,
-                   neurons=info)
+                   neurons=info, **{KEY_FIELD: key})
         res["bridge_neurons_per_layer"] = {
             r["bridge"]: {int(l): int(bridge_mask(masks, r["bridge"], s, t, definition.bridge_exclude)[l].sum())
                           for l in layers} for r in res["ranking"]}
         results[(s, t)] = res
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     selection, overlaps = {}, {}
     for (s, t), res in results.items():
         ps = probes[(s, t)]
@@ -406,7 +439,7 @@ def run_select(args) -> int:
                          ).save(out / "overlap_neurons.json")
     _write_json(out / "selection.json", {"format": SELECTION_FORMAT,
                                          "definition": definition.as_dict(), "hsic": args.hsic, "layers": layers,
-                                         "pairs": selection})
+                                         "pairs": selection, KEY_FIELD: key})
     print(str(out / "selection.json"))
     return 0
 
@@ -425,7 +458,13 @@ def _ranking_for(directory: Path, s: str, t: str) -> dict:
 def run_bli(args) -> int:
     from ..bridge.icl import HFGenerator, run_bli as bli
     from ..bridge.select import DEFAULT_CANDIDATES
+    from ..outputs import KEY_FIELD
     pairs = _pairs(args.pair)
+    keyed = [f"bli-{s}-{t}.json" for s, t in pairs] + ["bli_summary.json"]
+    key = _check_out(args, [*_dictionary_inputs(args),
+                            *[(f"ranking of {s}-{t}", Path(args.ranking) / f"ranking-{s}-{t}.json")
+                              for s, t in pairs if args.ranking is not None]],
+                     keyed, keyed, shared=[args.ranking], what="the BLI results")
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     plan = {}
@@ -448,11 +487,12 @@ def run_bli(args) -> int:
     out = Path(args.out)
     summary = {"format": BLI_SUMMARY_FORMAT,
                "model": args.model, "split": args.split, "limit": args.limit, "token_healing": args.token_healing,
-               "pairs": {}}
+               "pairs": {}, KEY_FIELD: key}
     for (s, t), entries in dicts.items():
         cands, selected = plan[(s, t)]
         res = bli(gen, entries, s, t, [None, *cands], names)
-        res.update(format=BLI_FORMAT, selected=selected, names=names, model=args.model, split=args.split)
+        res.update(format=BLI_FORMAT, selected=selected, names=names, model=args.model, split=args.split,
+                   **{KEY_FIELD: key})
         if not session.is_main:
             continue
         _write_json(out / f"bli-{s}-{t}.json", res)
@@ -471,6 +511,9 @@ def run_bli(args) -> int:
 # ---------------------------------------------------------------------------------------- mrc
 def run_mrc(args) -> int:
     from ..bridge.icl import HFChoiceScorer, HFGenerator, load_mrc_jsonl, run_mrc as mrc
+    from ..outputs import KEY_FIELD
+    key = _check_out(args, [("model directory", args.model), ("data file", args.data)], [f"mrc-{args.lang}.json"],
+                     [f"mrc-{args.lang}.json"], what="the MRC results")
     items = load_mrc_jsonl(args.data)
     if args.limit is not None:
         if args.limit < 1:
@@ -484,7 +527,8 @@ def run_mrc(args) -> int:
     translate = HFGenerator(session, args.max_new_tokens, token_healing=args.token_healing)
     choose = HFChoiceScorer(session)
     res = mrc(items, choose, args.lang, [None, *bridges], names, translate)
-    res.update(format=MRC_FORMAT, model=args.model, data=str(args.data), names=names, token_healing=args.token_healing)
+    res.update(format=MRC_FORMAT, model=args.model, data=str(args.data), names=names, token_healing=args.token_healing,
+               **{KEY_FIELD: key})
     if not session.is_main:
         return 0
     out = Path(args.out)
@@ -502,6 +546,13 @@ def run_spectrum(args) -> int:
     from ..bridge.probe import PROBE_FORMAT, ProbeSet
     from ..bridge.spectrum import compute_spectrum, save_spectrum
     from ..identify import parse_language_list
+    from ..outputs import KEY_FIELD
+    probe_inputs = []
+    if args.probes is not None and Path(args.probes).is_dir():
+        probe_inputs = [("probe file", f) for f in sorted(Path(args.probes).glob("probes-*-*.*"))]
+    key = _check_out(args, [("statistics directory", args.stats), ("neuron-set file", args.neurons), *probe_inputs],
+                     ["spectrum.json"] + [f"spectrum_{k}.png" for k in ("overlap", "cosine", "jaccard", "hsic")],
+                     ["spectrum.json"], shared=[args.probes], what="the spectrum")
     languages = parse_language_list(args.languages)
     masks, probs, info = _language_neurons(args, languages)
     if probs is None or set(probs) != set(masks):
@@ -529,7 +580,8 @@ def run_spectrum(args) -> int:
         acts = torch.cat(parts, dim=2)
         layers = _layers(args, L)
     res = compute_spectrum(probs, masks, acts, layers, args.hsic, args.sigma)
-    res.update(neurons=info, probe_files=probe_files, n_probes=int(acts.shape[2]) if acts is not None else 0)
+    res.update(neurons=info, probe_files=probe_files, n_probes=int(acts.shape[2]) if acts is not None else 0,
+               **{KEY_FIELD: key})
     paths = save_spectrum(res, args.out)
     langs = res["languages"]
     print("spectrum overlap |T_k ∩ T_k'|:", file=sys.stderr)

@@ -30,7 +30,7 @@ def register(sub) -> None:
     add_model_options(p, batch_size=8, batch_help="windows per forward pass")
     p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
                    help="a language and its corpus (repeat per language)")
-    add_out(p, "output directory")
+    add_out(p, "output directory (a rerun of the same collection resumes in it)", overwrite=False)
     p.add_argument("--site", default="act", help="pre | act (default) | product")
     p.add_argument("--unit", default="window", choices=("window", "sentence"),
                    help="window: packed token windows (default); sentence: one line = one padded sequence, "
@@ -60,9 +60,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_outputs(args) -> None:
+    """Refuse a bad --out before any model or corpus is read (the same collection resumes in OUT;
+    statistics of another model or settings there are refused once the model is loaded)."""
+    from ..collect import existing_out
+    from ..outputs import check_dir, lang_inputs
+    check_dir(args.out, inputs=[("model directory", args.model), *lang_inputs(args.lang)], what="the statistics")
+    existing_out(args.out)
+
+
 def run(args) -> int:
     from ..collect import CollectConfig, collect
     from ..corpus import default_cache_dir
+    check_outputs(args)
     cfg = CollectConfig(
         model=args.model, languages=parse_lang_args(args.lang), out=args.out, site=args.site, unit=args.unit,
         window=args.window, sentences=args.sentences, max_tokens=args.max_tokens, batch_size=args.batch_size,

@@ -40,6 +40,8 @@ def run(args) -> int:
     from ..corpus import parse_lang_args
     from ..demo import run_demo
     from ..errors import UserError
+    from ..outputs import check_dir, lang_inputs
+    check_dir(args.out, inputs=[*lang_inputs(args.lang), ("MUSE directory", args.muse)], what="the demo")
     languages = None
     if args.lang:
         sources = parse_lang_args(args.lang)

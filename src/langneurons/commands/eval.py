@@ -65,9 +65,22 @@ def _options(items: list[str]) -> dict:
     return out
 
 
+def check_outputs(args) -> str:
+    """Refuse a bad --out before any model or data is read; return the command's key."""
+    from ..outputs import check_dir, command_key
+    from ..tasks import get_task
+    name = get_task(args.task).name
+    key = command_key(args)
+    check_dir(args.out, inputs=[("model directory", args.model), ("--data", args.data),
+                                ("neuron-set file", args.neurons), ("statistics directory", args.stats)],
+              writes=[f"{name}.json", f"{name}.md"], key=key, overwrite=args.overwrite, what="the task results")
+    return key
+
+
 def run(args) -> int:
     from ..tasks.runner import EvalConfig, markdown, parse_settings, run_eval
     from .options import split_languages
+    key = check_outputs(args)
     langs = split_languages(args.languages) or None
     cfg = EvalConfig(task=args.task, model=args.model, out=args.out, langs=langs, data=args.data, split=args.split,
                      limit=args.limit, shots=args.shots, batch_size=args.batch_size,
@@ -75,7 +88,8 @@ def run(args) -> int:
                      stats=args.stats, operator=args.operator,
                      settings=parse_settings(args.setting, args.neurons is not None), site=args.site,
                      positions=args.positions, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                     trust_remote_code=args.trust_remote_code, arch=args.arch, progress=not args.quiet)
+                     trust_remote_code=args.trust_remote_code, arch=args.arch, progress=not args.quiet,
+                     command_key=key)
     result = run_eval(cfg)
     from ..runtime import dist_info
     if dist_info()[0] == 0:

@@ -127,7 +127,7 @@ def _lang_paths(items, option: str) -> list[tuple[str, str]]:
 
 
 def register(sub) -> None:
-    from .options import add_languages, add_operator
+    from .options import add_languages, add_operator, add_overwrite
     p = sub.add_parser("finetune", help=HELP, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_subparsers(dest="finetune_cmd", metavar="{train,eval,experiment}", parser_class=type(p))
@@ -149,6 +149,7 @@ def register(sub) -> None:
     e.add_argument("--run", required=True, type=Path, help="output directory of 'finetune train'")
     e.add_argument("--data", action="append", required=True, metavar="LANG=PATH", help="evaluation file (repeatable)")
     e.add_argument("--out", type=Path, default=None, help="write the metrics JSON here [stdout]")
+    add_overwrite(e, "replace an existing --out file (refused without it)")
     add_operator(e, None, "test-time intervention operator (e.g. zero, set:mean, set:p90) on the evaluated "
                           "language's neurons of --neurons, values from --stats", old=("--intervene",))
     e.add_argument("--neurons", default=None, help="neuron set for --operator")
@@ -185,9 +186,23 @@ def _explicit(args) -> dict:
     return {k: getattr(args, k, None) for k in _TRAIN_KEYS}
 
 
+def _check_run_dir(args, data=()) -> None:
+    """Refuse a bad --out of train/experiment before any model or data is read (a rerun of the same
+    command resumes in OUT; a run of other settings there is refused once the model is loaded)."""
+    from ..outputs import check_dir
+    inputs = [("model directory", args.model), ("training data", args.train),
+              ("neuron-set file", getattr(args, "neurons", None)), ("statistics", getattr(args, "stats", None))]
+    for item in data:
+        if "=" in str(item):
+            code, path = str(item).split("=", 1)
+            inputs.append((f"evaluation file of {code.strip()}", path.strip()))
+    check_dir(args.out, inputs=inputs, what="the fine-tuning run")
+
+
 def run_train(args) -> int:
     from ..finetune.train import FinetuneConfig, evaluate_sets, summary, train
     from ..atomic import atomic_write_text
+    _check_run_dir(args, args.eval)
     evals = _lang_paths(args.eval, "--eval")
     cfg = FinetuneConfig.build(preset=args.preset, model=args.model, task=args.task, train=args.train, out=args.out,
                                neurons=args.neurons, neuron_langs=args.languages, seed=args.seed, eval=evals,
@@ -214,6 +229,13 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     from ..finetune.train import evaluate_sets, load_finetuned, summary
     from ..atomic import atomic_write_text
+    if args.out is not None:
+        from ..outputs import check_file
+        inputs = [("run directory", args.run), ("neuron-set file", args.neurons), ("statistics", args.stats)]
+        inputs += [(f"evaluation file of {i.split('=', 1)[0].strip()}", i.split("=", 1)[1].strip())
+                   for i in args.data if "=" in i]
+        check_file(args.out, inputs=inputs, overwrite=args.overwrite, what="the metrics", shared=[args.run])
+        _check_not_run_file(args.out, args.run)
     sets = _lang_paths(args.data, "--data")
     tm = load_finetuned(args.run, device=args.device, progress=not args.quiet)
     context_for = None
@@ -247,8 +269,23 @@ def run_eval(args) -> int:
     return 0
 
 
+def _check_not_run_file(out: Path, run: Path) -> None:
+    """Inside the run directory --out may be a new file or an earlier evaluation, never a file of the run."""
+    from ..outputs import inside
+    if not Path(out).exists() or not inside(out, run):
+        return
+    try:
+        fmt = json.loads(Path(out).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != FINETUNE_EVAL_FORMAT:
+        raise UserError(f"--out {out} is a file of the run directory {run} that evaluation reads; "
+                        "write the metrics to a new file")
+
+
 def run_experiment(args) -> int:
     from ..finetune.experiment import CONDITIONS, ExperimentConfig, run_experiment as run_exp
+    _check_run_dir(args, args.eval)
     evals = dict(_lang_paths(args.eval, "--eval"))
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -27,6 +27,7 @@ examples:
 
 
 def register(sub) -> None:
+    from .options import add_overwrite
     from ..identify import METHODS
     p = sub.add_parser("identify", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +41,7 @@ def register(sub) -> None:
             mp.add_argument("--stats", required=True, action="append", type=Path, metavar="DIR",
                             help="statistics directory written by 'langneurons collect' (repeatable)")
         mp.add_argument("--out", required=True, type=Path, metavar="FILE.json", help="output neuron-set file")
+        add_overwrite(mp, "replace an existing --out file (refused without it)")
         mp.add_argument("--languages", default=None, metavar="a,b,c",
                         help="comma-separated languages to use [all in the statistics]"
                         if getattr(module, "NEEDS_STATS", True) else "languages of --of to keep [all]")
@@ -101,21 +103,44 @@ def load_stats(dirs) -> ActivationStats:
 
 # ------------------------------------------------------------------------------------ command
 
+def _output_files(module, args) -> list[Path]:
+    """The files the command will write: ``--out``, or one per seed of ``random --seeds``."""
+    out = Path(args.out)
+    if getattr(args, "seeds", None) is not None and hasattr(module, "seed_path"):
+        try:
+            seeds = module.parse_seeds(args.seed, args.seeds)
+        except UserError:
+            return [out]        # reported by the method itself, with its own message
+        return [module.seed_path(out, s) for s in seeds]
+    return [out]
+
+
+def check_outputs(module, args) -> list[Path]:
+    """Refuse, before any statistics are read, an --out that is an input, lies inside a statistics
+    directory, exists (without --overwrite) or cannot be written."""
+    from ..outputs import check_file
+    inputs = [("statistics directory", d) for d in (getattr(args, "stats", None) or [])]
+    if getattr(args, "of", None) is not None:
+        inputs.append(("neuron-set file", args.of))
+    return [check_file(path, inputs=inputs, overwrite=args.overwrite, what="the neuron set")
+            for path in _output_files(module, args)]
+
+
 def run(args) -> int:
     from ..identify import parse_language_list
+    from ..outputs import ensure_dir
     module = args.method_module
+    check_outputs(module, args)
     languages = parse_language_list(args.languages)
     stats = None
     if getattr(module, "NEEDS_STATS", True):
         stats = load_stats(args.stats)
         languages = stats.check_languages(languages)
     out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'neurons.json'}")
     result = module.run(stats, languages, args)
     outputs = result if isinstance(result, dict) else {out: result}
     for path in outputs:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(Path(path).parent)
     for path, ns in outputs.items():
         ns.save(path)
         sizes = ", ".join(f"{c}={ns.total(c)}" for c in ns.languages)

@@ -25,6 +25,7 @@ examples:
 
 
 def register(sub) -> None:
+    from .options import add_out, add_overwrite
     p = sub.add_parser("neurons", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
@@ -43,7 +44,8 @@ def register(sub) -> None:
 
     i = cmds.add_parser("import", help="convert a published [T24] .pth or [M25] .pkl file to a langneurons .json set")
     i.add_argument("src", type=Path, metavar="SRC")
-    i.add_argument("--out", required=True, type=Path, metavar="FILE.json")
+    i.add_argument("--out", required=True, type=Path, metavar="FILE.json", help="output neuron-set file")
+    add_overwrite(i, "replace an existing --out file (refused without it)")
     i.add_argument("--languages", default=None, metavar="a,b,c",
                    help="codes of the file's entries in file order ([T24] default: en,zh,fr,es,vi,id,ja)")
     i.add_argument("--model", dest="name_or_path", default=None, help="model name or path to record")
@@ -55,7 +57,6 @@ def register(sub) -> None:
 
     pl = cmds.add_parser("plot", help="layer-distribution PNG and Jaccard heatmap PNG")
     pl.add_argument("file", type=Path, metavar="FILE")
-    from .options import add_out
     add_out(pl, "output directory of the PNGs", old=("--out-dir",))
     pl.set_defaults(func=run_plot)
 
@@ -181,11 +182,10 @@ def run_import(args) -> int:
     model = {k: v for k, v in (("name_or_path", args.name_or_path), ("model_type", args.model_type),
                                ("num_layers", args.num_layers), ("width", args.width), ("site", args.site))
              if v is not None}
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'neurons.json'}")
+    from ..outputs import check_file, ensure_dir
+    out = check_file(args.out, inputs=[("file", args.src)], overwrite=args.overwrite, what="the neuron set")
     ns = import_auto(args.src, languages=args.languages, model=model or None)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     ns.save(out)
     sizes = ", ".join(f"{c}={ns.total(c)}" for c in ns.languages)
     print(f"imported {ns.num_layers}x{ns.width} ({ns.method['name']}): {sizes}", file=sys.stderr)
@@ -195,16 +195,17 @@ def run_import(args) -> int:
 
 def run_plot(args) -> int:
     from ..neuronset import jaccard_matrix
+    from ..outputs import check_dir, ensure_dir
     from ..plots import plot_heatmap, plot_layer_distribution
+    from .options import need_out
+    stem = Path(args.file).stem
+    out_dir = check_dir(need_out(args), inputs=[("neuron-set file", args.file)],
+                        writes=[f"{stem}-layers.png", f"{stem}-jaccard.png"], overwrite=args.overwrite,
+                        what="the plots")
     ns = _load(args.file)
     if not ns.languages:
         raise UserError(f"{args.file} holds no languages; nothing to plot")
-    from .options import need_out
-    out_dir = Path(need_out(args))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.file).stem
+    ensure_dir(out_dir)
     layers = plot_layer_distribution(ns, out_dir / f"{stem}-layers.png")
     names, jac = jaccard_matrix(ns)
     heat = plot_heatmap(jac, names, names, out_dir / f"{stem}-jaccard.png",

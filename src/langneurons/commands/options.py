@@ -1,9 +1,9 @@
 """The shared command-line vocabulary: one spelling for one thing in every command.
 
 ``add_model_options`` (every command that loads a model), ``add_languages``, ``add_operator``,
-``add_out``, ``add_batch_size`` and ``add_seed``. Old spellings (``--langs``, ``--neuron-langs``,
-``--intervene``, ``--interventions``, ``--out-dir``) keep working for one release and print a one-line
-deprecation note on stderr.
+``add_out`` (with ``--overwrite``), ``add_overwrite``, ``add_batch_size`` and ``add_seed``. Old spellings
+(``--langs``, ``--neuron-langs``, ``--intervene``, ``--interventions``, ``--out-dir``) keep working for one
+release and print a one-line deprecation note on stderr.
 """
 
 from __future__ import annotations
@@ -74,11 +74,19 @@ def add_operator(p, default, help_text: str, old: tuple[str, ...] = ()) -> None:
         _alias(p, o, "--operator", "operator")
 
 
-def add_out(p, help_text: str, required: bool = True, old: tuple[str, ...] = (), metavar: str = "DIR") -> None:
-    """``--out PATH`` (old spellings in ``old``, e.g. ``--out-dir``)."""
+def add_out(p, help_text: str, required: bool = True, old: tuple[str, ...] = (), metavar: str = "DIR",
+            overwrite: bool = True) -> None:
+    """``--out PATH`` (old spellings in ``old``, e.g. ``--out-dir``) and, with ``overwrite``, ``--overwrite``."""
     p.add_argument("--out", type=Path, default=None, required=required and not old, metavar=metavar, help=help_text)
     for o in old:
         _alias(p, o, "--out", "out", type=Path)
+    if overwrite:
+        add_overwrite(p)
+
+
+def add_overwrite(p, help_text: str = "replace existing results of another run in --out (refused without it)") -> None:
+    """``--overwrite``: an existing result is never replaced without it (see langneurons.outputs)."""
+    p.add_argument("--overwrite", action="store_true", help=help_text)
 
 
 def need_out(args) -> Path:

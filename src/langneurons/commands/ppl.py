@@ -58,9 +58,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_outputs(args) -> str:
+    """Refuse a bad --out before any model or corpus is read; return the command's key."""
+    from ..outputs import check_dir, command_key, lang_inputs
+    key = command_key(args)
+    check_dir(args.out, inputs=[("model directory", args.model), ("neuron-set file", args.neurons),
+                                ("statistics directory", args.stats), *lang_inputs(args.lang)],
+              writes=["ppl.json", "ppl.png"], key=key, overwrite=args.overwrite, what="the perplexity matrix")
+    return key
+
+
 def run(args) -> int:
     from ..corpus import default_cache_dir, parse_lang_args
     from ..ppl import PPLConfig, print_summary, run_ppl
+    key = check_outputs(args)
     rows = [c.strip() for c in args.rows.split(",") if c.strip()] if args.rows else None
     cfg = PPLConfig(model=args.model, neurons=args.neurons, languages=parse_lang_args(args.lang), out=args.out,
                     stats=args.stats, operator=args.operator, site=args.site, rows=rows,
@@ -68,7 +79,7 @@ def run(args) -> int:
                     batch_size=args.batch_size, device=args.device, dtype=args.dtype, arch=args.arch,
                     device_map=args.device_map, trust_remote_code=args.trust_remote_code, seed=args.seed,
                     cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
-                    progress=not args.quiet)
+                    progress=not args.quiet, command_key=key)
     record = run_ppl(cfg)
     from ..runtime import dist_info
     if dist_info()[0] != 0:

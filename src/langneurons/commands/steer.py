@@ -43,7 +43,7 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser("steer", help=HELP, description=HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .options import add_languages, add_model_options, add_operator, add_seed
+    from .options import add_languages, add_model_options, add_operator, add_overwrite, add_seed
     add_model_options(p, batch_size=16)
     p.add_argument("--neurons", required=True, type=Path, help="neuron-set JSON file")
     p.add_argument("--stats", type=Path, default=None, help="statistics directory (statistic operators)")
@@ -60,6 +60,7 @@ def register(sub) -> None:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     s = p.add_argument_group("scoring mode")
     s.add_argument("--out", type=Path, default=None, help="output directory (turns scoring mode on)")
+    add_overwrite(s)
     add_languages(s, "languages (sources and targets) [all of the neuron set]")
     s.add_argument("--cloze", type=Path, default=None, help="parallel cloze JSONL file")
     s.add_argument("--mlama", type=Path, default=None, help="mLAMA-layout directory")
@@ -90,6 +91,7 @@ def run(args) -> int:
     from ..runtime import ModelOptions
     from ..stats import ActivationStats
 
+    key = check_outputs(args) if args.out is not None else None
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.samples < 1 or args.items < 1:
         raise UserError("--max-new-tokens, --batch-size, --samples and --items must be at least 1")
     ModelOptions.from_args(args).check()
@@ -105,8 +107,6 @@ def run(args) -> int:
         raise UserError("give at most one of --cloze, --mlama and --muse")
     if not sources and not args.generation:
         raise UserError("scoring mode needs cloze data (--cloze, --mlama or --muse) and/or --generation")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; give a directory")
     if args.languages:
         langs = [c.strip() for c in args.languages.split(",") if c.strip()]
     else:
@@ -157,12 +157,27 @@ def run(args) -> int:
     if not session.is_main:
         return 0
     from ..atomic import atomic_write_text
-    args.out.mkdir(parents=True, exist_ok=True)
+    from ..outputs import KEY_FIELD, ensure_dir
+    record[KEY_FIELD] = key
+    ensure_dir(args.out)
     atomic_write_text(args.out / "steer.json", json.dumps(record, indent=1, ensure_ascii=False))
     S.plot_steer(record, args.out)
     _print_summary(record)
     print(str(args.out / "steer.json"))
     return 0
+
+
+def check_outputs(args) -> str:
+    """Scoring mode: refuse a bad --out before any model or data is read; return the command's key."""
+    from ..outputs import check_dir, command_key
+    key = command_key(args)
+    check_dir(args.out, inputs=[("model directory", args.model), ("neuron-set file", args.neurons),
+                                ("statistics directory", args.stats), ("cloze file", args.cloze),
+                                ("mLAMA directory", args.mlama), ("MUSE directory", args.muse),
+                                ("prompt file", args.neutral_prompts), ("prompt file", args.prompts)],
+              writes=["steer.json", "steer.png", "steer_operators.png"], key=key, overwrite=args.overwrite,
+              what="the steering scores")
+    return key
 
 
 def _print_summary(record: dict) -> None:

@@ -8,6 +8,7 @@ HELP = "train a tiny Llama and byte-level BPE tokenizer on given languages (CPU,
 
 
 def register(sub) -> None:
+    from .options import add_overwrite
     from ..tiny import TinyConfig
     d = TinyConfig()
     p = sub.add_parser("tiny-train", help=HELP, description=HELP + ". Writes a HuggingFace model directory "
@@ -16,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
                    help="a language and its text (as in collect; repeat per language)")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    add_overwrite(p, "retrain over an existing tiny-train model in --out (refused without it)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps [{d.steps}]")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed [{d.seed}]")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary [{d.vocab_size}]")
@@ -33,7 +35,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..corpus import parse_lang_args
+    from ..outputs import check_dir, lang_inputs
     from ..tiny import TinyConfig, train_tiny
+    check_dir(args.out, inputs=lang_inputs(args.lang), writes=["langneurons_train.json"], overwrite=args.overwrite,
+              what="the model")
     cfg = TinyConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                      intermediate_size=args.intermediate_size, num_layers=args.layers, context=args.context,
                      steps=args.steps, batch_per_language=args.batch_per_language, lr=args.lr, seed=args.seed,

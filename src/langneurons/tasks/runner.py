@@ -62,6 +62,7 @@ class EvalConfig:
     trust_remote_code: bool = False
     arch: Optional[str] = None
     progress: bool = True
+    command_key: Optional[str] = None   # recorded in TASK.json (langneurons.outputs: reruns of the same command)
 
 
 def parse_settings(text: Optional[str], have_neurons: bool) -> list[str]:
@@ -319,6 +320,9 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
                          on_row=partial.add)
 
     result = result_record(task, cfg, model, data, langs, options, ns, rows, round(time.time() - t0, 3))
+    if cfg.command_key:
+        from ..outputs import KEY_FIELD
+        result[KEY_FIELD] = cfg.command_key
     if not scorer.is_main:
         return result
     out = Path(cfg.out)
