@@ -271,6 +271,18 @@ def _one_line_errors(path: Path, kind: str):
                         f"is corrupt, truncated or of another kind: re-download it") from None
 
 
+def _refused(path: Path, what: str, allowed: str) -> UserError:
+    """The one line for a file that asks for a global ``what`` outside ``allowed`` (nothing ran)."""
+    return UserError(f"refusing to load {path}: it asks for {what}, which {allowed} (nothing was executed); "
+                     "use the published file")
+
+
+def _out_of_bounds(path: Path, exc: BaseException) -> UserError:
+    """The one line for a file whose tensors exceed their bounds (refused before any allocation)."""
+    return UserError(f"refusing to load {path}: {exc}; the file is damaged or hostile (refused before "
+                     "allocating it): re-download it")
+
+
 def _check_shape_justified(path: Path, num_layers: int, width: int, nbytes: int, fix: str) -> None:
     """Refuse a file-declared model shape whose masks would need far more memory than the file justifies."""
     from .neuronset import _normalise_model  # the general bounds (beyond any real model) come first
@@ -465,16 +477,13 @@ def import_tang2024_pth(path, languages: Sequence[str] | str | None = None, mode
     try:
         obj = _torch_load_checked(data)
     except _RefusedGlobal as exc:
-        raise UserError(f"refusing to load {path}: it asks for {exc}, which a [T24] mask file never holds "
-                        f"(nothing was executed); use the published file") from None
+        raise _refused(path, str(exc), "a [T24] mask file never holds") from None
     except _BoundsError as exc:
-        raise UserError(f"refusing to load {path}: {exc}; the file is damaged or hostile (refused before "
-                        f"allocating it): re-download it") from None
+        raise _out_of_bounds(path, exc) from None
     except Exception as exc:  # noqa: BLE001 - anything torch.load raises means an unreadable file
         refused = _weights_only_refusal(exc)
         if refused is not None:
-            raise UserError(f"refusing to load {path}: it asks for {refused}, which a [T24] mask file never "
-                            f"holds (nothing was executed); use the published file") from None
+            raise _refused(path, refused, "a [T24] mask file never holds") from None
         raise UserError(f"cannot read {path} as a [T24] torch.save file ({_first_line(exc)}); the file is "
                         f"corrupt, truncated or not a neuron mask file: re-download it") from None
     with _one_line_errors(path, "a [T24] mask file"):
@@ -679,11 +688,9 @@ def _safe_unpickle(path: Path, data: bytes):
     try:
         obj = _NeuronPickleUnpickler(handle, _Budget(len(data))).load()
     except _RefusedGlobal as exc:
-        raise UserError(f"refusing to load {path}: it asks for {exc}, which is not on the allow-list of "
-                        f"the [M25] neuron files (nothing was executed); use the published file") from None
+        raise _refused(path, str(exc), "is not on the allow-list of the [M25] neuron files") from None
     except _BoundsError as exc:
-        raise UserError(f"refusing to load {path}: {exc}; the file is damaged or hostile (refused before "
-                        f"allocating it): re-download it") from None
+        raise _out_of_bounds(path, exc) from None
     except _DuplicateKey as exc:
         raise UserError(f"{path}: the pickle {exc} (one language listed twice?); the file is damaged: "
                         f"re-download it") from None
