@@ -16,10 +16,24 @@ from langneurons.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(args: list[str], tmp: Path) -> None:
+#: Runs several commands in one torchrun launch (the process group is joined once and reused), so the
+#: test pays for one start-up of two interpreters instead of one per command.
+WORKER = """
+import json, sys
+from langneurons.cli import main
+for args in json.loads(sys.argv[1]):
+    rc = main(args)
+    if rc:
+        sys.exit(rc)
+"""
+
+
+def _torchrun(commands: list[list[str]], tmp: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    worker = tmp / "dist_worker.py"
+    worker.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "langneurons", *args]
+           str(worker), json.dumps(commands)]
     r = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -80,11 +94,11 @@ def test_ppl_steer_eval_under_torchrun_equal_one_process(setup, demo_model, demo
         rec("男人打开了水龙头。", "马桶满了。", "水流了出来。", "effect", 1)
         + rec("女孩在麦片中发现了虫子。", "她倒了牛奶。", "她没了胃口。", "effect", 1)
         + rec("我想节约能源。", "我扫了地。", "我关了灯。", "cause", 0), encoding="utf-8")
-    for name, args, out_file in (("ppl", ppl, "ppl.json"), ("steer", steer, "steer.json"),
-                                 ("eval", ev, "xcopa.json")):
+    runs = (("ppl", ppl, "ppl.json"), ("steer", steer, "steer.json"), ("eval", ev, "xcopa.json"))
+    _torchrun([[*args, "--out", str(tmp_path / f"{name}-2")] for name, args, _ in runs], tmp_path)
+    for name, args, out_file in runs:
         one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"
         assert main([*args, "--out", str(one)]) == 0
-        _torchrun([*args, "--out", str(two)], tmp_path)
         a = json.loads((one / out_file).read_text(encoding="utf-8"))
         b = json.loads((two / out_file).read_text(encoding="utf-8"))
         a, b = _strip_times(a), _strip_times(b)
