@@ -15,6 +15,7 @@ from langneurons.identify import select
 from langneurons.intervene import Intervention, intervene
 from langneurons.neuronset import NeuronSet
 from langneurons.ppl import diagonal_dominance, perplexity_matrix
+from langneurons.uncertainty import overlap
 from langneurons.runtime import Session
 from langneurons.testing import tiny_model
 
@@ -56,20 +57,170 @@ def test_stacked_matrix_equals_separate_runs_for_any_batch_size():
     rows = [("baseline", None)] + [(c, Intervention(ns, [c], "zero")) for c in ("aa", "bb")] + \
            [("s", Intervention(ns, ["cc"], "scale:3")), ("v", Intervention(ns, ["aa", "cc"], "set:0.5"))]
     ref = torch.zeros(len(rows), len(cols), dtype=torch.float64)
+    ref_w = [torch.zeros(len(rows), len(W), dtype=torch.float64) for W in cols.values()]
     with torch.no_grad():
         for r, (_, iv) in enumerate(rows):
             for c, W in enumerate(cols.values()):
                 if iv is None:
-                    ref[r, c] = _session(m).token_nll(torch.from_numpy(W))[0].sum()
+                    ref_w[c][r] = _session(m).token_nll(torch.from_numpy(W))[0]
                 else:
                     with intervene(m, iv):
-                        ref[r, c] = _session(m).token_nll(torch.from_numpy(W))[0].sum()
+                        ref_w[c][r] = _session(m).token_nll(torch.from_numpy(W))[0]
+                ref[r, c] = ref_w[c][r].sum()
     for bs in (1, 4, 7, 100):
         res = perplexity_matrix(_session(m, bs), rows, cols)
         torch.testing.assert_close(res.nll_sum, ref, rtol=0, atol=1e-9)
+        # the per-window sums: each window's NLL, in window order; their mean is the column's mean NLL
+        assert len(res.window_nll) == len(cols)
+        for c in range(len(cols)):
+            torch.testing.assert_close(res.window_nll[c], ref_w[c], rtol=0, atol=1e-9)
+            torch.testing.assert_close(res.window_nll[c].sum(1), res.nll_sum[:, c], rtol=0, atol=1e-9)
+            torch.testing.assert_close(res.window_mean_nll(c).mean(1), res.mean_nll[:, c], rtol=0, atol=1e-12)
         assert res.tokens == [5 * 9, 3 * 9, 4 * 9]
         assert res.passes == sum(math.ceil(len(rows) * len(W) / bs) for W in cols.values())
     torch.testing.assert_close(res.ppl, (ref / torch.tensor([45.0, 27.0, 36.0])).exp(), rtol=1e-12, atol=0)
+
+
+def test_matrix_resume_restores_window_nll_and_recomputes_old_parts():
+    """A finished column passed as ``done`` is restored with its per-window sums (nothing recomputed);
+    a part without them (an older checkpoint) is recomputed."""
+    m, ns, cols = _toy()
+    rows = [("baseline", None), ("aa", Intervention(ns, ["aa"], "zero"))]
+    parts = {}
+    full = perplexity_matrix(_session(m, 4), rows, cols, on_column=lambda c, r: parts.__setitem__(c, r))
+    assert set(parts) == set(cols) and len(parts["aa"]["window_nll"]) == 2 and len(parts["aa"]["window_nll"][0]) == 5
+    done = json.loads(json.dumps({"aa": parts["aa"], "bb": parts["bb"]}))          # as read back from disk
+    again = perplexity_matrix(_session(m, 4), rows, cols, done=done)
+    assert again.passes == math.ceil(2 * 4 / 4)                                   # only zz is computed
+    assert torch.equal(again.nll_sum, full.nll_sum)
+    for a, b in zip(again.window_nll, full.window_nll):
+        assert torch.equal(a, b)
+    old = {"aa": {k: v for k, v in parts["aa"].items() if k != "window_nll"}}
+    redo = perplexity_matrix(_session(m, 4), rows, cols, done=old)
+    assert redo.passes == full.passes and torch.equal(redo.window_nll[0], full.window_nll[0])
+
+
+def _hand_built(offsets: dict, seeds=(0, 1), n: int = 6, per_window: int = 10, seed: int = 0):
+    """A MatrixResult whose per-window mean NLL is ``baseline + offsets[row][column]`` on every window."""
+    from langneurons.ppl import MatrixResult
+    cols = ["aa", "bb"]
+    names = ["baseline", "aa", "bb"] + [f"random[{s}]:{c}" for s in seeds for c in ("aa", "bb")]
+    base = np.random.default_rng(seed).normal(3.0, 0.5, (len(cols), n))           # widely spread windows
+    wn = []
+    for c, col in enumerate(cols):
+        mean = np.stack([base[c] + offsets.get(r, {}).get(col, 0.0) for r in names])
+        wn.append(torch.from_numpy(mean * per_window))
+    return MatrixResult(rows=names, columns=cols, nll_sum=torch.stack([w.sum(1) for w in wn], 1),
+                        tokens=[n * per_window] * 2, windows=[n] * 2, passes=1, sequences=1, seconds=0.0,
+                        window_nll=wn)
+
+
+def _record(res, seeds):
+    from pathlib import Path
+    from types import SimpleNamespace
+    from langneurons.ppl import PPLConfig, build_record
+    ns = SimpleNamespace(total=lambda c: 3, method={"name": "t"})
+    cfg = PPLConfig(model="m", neurons=Path("n.json"), languages=[], out=Path("o"))
+    return build_record(res, ["aa", "bb"], list(seeds), ns, cfg, "zero", SimpleNamespace(model_type="llama"))
+
+
+def test_build_record_bootstrap_known_answers():
+    """Constant shifts over every window: the paired intervals of the deltas are points, although the
+    windows themselves (hence mean_nll and ppl) spread widely; the random row's interval comes from
+    resampling its two seeds (shifts 0.1 and 0.2: replicates 0.1, 0.15, 0.2)."""
+    off = {"aa": {"aa": 0.5, "bb": 0.2}, "bb": {"aa": 0.3, "bb": 1.0},
+           "random[0]:aa": {"aa": 0.1}, "random[1]:aa": {"aa": 0.2},
+           "random[0]:bb": {"bb": 0.25}, "random[1]:bb": {"bb": 0.25}}
+    rec = _record(_hand_built(off), (0, 1))
+    assert rec["rows"] == ["baseline", "aa", "bb", "random:aa", "random:bb"]
+    ci = rec["delta_nll_ci95"]
+    assert ci[0] == [[0.0, 0.0], [0.0, 0.0]]                                     # baseline
+    assert ci[1] == [[0.5, 0.5], [0.2, 0.2]] and ci[2] == [[0.3, 0.3], [1.0, 1.0]]
+    assert ci[3][0] == [0.1, 0.2] and ci[4][1] == [0.25, 0.25]
+    assert rec["delta_nll"][3][0] == pytest.approx(0.15, abs=1e-9)
+    lo, hi = rec["mean_nll_ci95"][0][0]
+    assert hi - lo > 0.2 and lo <= rec["mean_nll"][0][0] <= hi                      # windows spread
+    lo, hi = rec["delta_ppl_ci95"][1][0]
+    assert lo < rec["delta_ppl"][1][0] < hi                                       # ppl differences scale
+    dom = rec["diagonal_dominance"]
+    assert (dom["row_count"], dom["column_count"], dom["languages"]) == (2, 2, 2)
+    assert dom["row_count_ci95"] == [2, 2] and dom["column_count_ci95"] == [2, 2]
+    assert dom["row_share"] == 1.0 and dom["row_share_ci95"] == [1.0, 1.0]
+    v = rec["vs_random"]["aa"]
+    assert (v["delta_nll"], v["random_delta_nll"], v["seeds"]) == (0.5, 0.15, 2)
+    assert v["delta_nll_ci95"] == [0.5, 0.5] and v["random_delta_nll_ci95"] == [0.1, 0.2]
+    assert v["difference"] == 0.35 and v["difference_ci95"] == [0.3, 0.4] and v["separated"] is True
+    assert rec["headline"]["own_above_random"] == {"count": 2, "separated": 2, "of": 2}
+    assert rec["headline"]["row_dominance"] == {"count": 2, "of": 2, "ci95": [2, 2]}
+    # a seeded rerun gives the same record; one seed: no seed resampling
+    assert _record(_hand_built(off), (0, 1)) == rec
+    one = _record(_hand_built(off, seeds=(0,)), (0,))
+    assert one["delta_nll_ci95"][3][0] == [0.1, 0.1] and one["vs_random"]["aa"]["seeds"] == 1
+
+
+def test_build_record_dominance_interval_and_separation_follow_noise():
+    """Noisy windows: bb's row dominance is uncertain (its own column barely above the other), and
+    an own delta inside the random interval is not separated."""
+    res = _hand_built({"aa": {"aa": 0.5}, "bb": {"aa": 0.0, "bb": 0.02}, "random[0]:bb": {"bb": 0.02},
+                       "random[1]:bb": {"bb": 0.0}})
+    g = np.random.default_rng(9)
+    for w in res.window_nll:
+        w += torch.from_numpy(g.normal(0, 0.3, tuple(w.shape)) * 10)
+    res.nll_sum = torch.stack([w.sum(1) for w in res.window_nll], 1)
+    rec = _record(res, (0, 1))
+    for name in ("ppl", "mean_nll", "delta_nll", "delta_ppl"):
+        _cells_contain(rec[name], rec[name + "_ci95"])
+    dom = rec["diagonal_dominance"]
+    assert dom["row_count_ci95"][0] <= dom["row_count"] <= dom["row_count_ci95"][1]
+    assert dom["row_count_ci95"][0] < dom["row_count_ci95"][1]
+    v = rec["vs_random"]["bb"]
+    assert overlap(v["delta_nll_ci95"], v["random_delta_nll_ci95"]) and v["separated"] is False
+    out = _summary(rec)
+    assert "own damage above random:" in out and "overlapping" in out
+
+
+def test_build_record_without_random_seeds():
+    rec = _record(_hand_built({"aa": {"aa": 0.5}}, seeds=()), ())
+    assert rec["vs_random"] == {} and rec["headline"]["own_above_random"] is None
+    assert len(rec["delta_nll_ci95"]) == 3 and rec["headline"]["row_dominance"]["of"] == 2
+
+
+def test_build_record_bootstrap_is_fast():
+    """41 published rows (20 languages, 3 seeds) x 10 columns x 50 windows."""
+    import time
+    from langneurons.ppl import MatrixResult, PPLConfig, build_record
+    from pathlib import Path
+    from types import SimpleNamespace
+    langs = [f"l{i}" for i in range(20)]
+    names = ["baseline"] + langs + [f"random[{s}]:{c}" for s in range(3) for c in langs]
+    g = np.random.default_rng(0)
+    wn = [torch.from_numpy(g.normal(3, 0.3, (len(names), 50)) * 31) for _ in range(10)]
+    res = MatrixResult(rows=names, columns=langs[:10], nll_sum=torch.stack([w.sum(1) for w in wn], 1),
+                       tokens=[50 * 31] * 10, windows=[50] * 10, passes=1, sequences=1, seconds=0.0, window_nll=wn)
+    t = time.process_time()
+    rec = build_record(res, langs, [0, 1, 2], SimpleNamespace(total=lambda c: 3, method={}),
+                       PPLConfig(model="m", neurons=Path("n"), languages=[], out=Path("o")), "zero",
+                       SimpleNamespace(model_type="llama"))
+    assert len(rec["ppl_ci95"]) == 41 and len(rec["ppl_ci95"][0]) == 10
+    assert time.process_time() - t < 3.0          # about 0.3 s of CPU time; generous for loaded machines
+
+
+def _cells_contain(values, cis, tol: float = 1e-9):
+    """Every [lo, hi] cell of ``cis`` contains its point value in ``values`` (same nesting)."""
+    assert len(values) == len(cis)
+    for row, crow in zip(values, cis):
+        assert len(row) == len(crow)
+        for v, c in zip(row, crow):
+            assert isinstance(c, list) and len(c) == 2, c
+            assert c[0] - tol <= v <= c[1] + tol, (v, c)
+
+
+def _summary(rec) -> str:
+    import io
+    from langneurons.ppl import print_summary
+    buf = io.StringIO()
+    print_summary(rec, file=buf)
+    return buf.getvalue()
 
 
 def test_diagonal_dominance_counts():
@@ -78,6 +229,17 @@ def test_diagonal_dominance_counts():
     assert out["row"] == {"a": True, "b": False, "c": True}
     assert out["column"] == {"a": True, "b": True, "c": False}
     assert (out["row_count"], out["column_count"]) == (2, 2)
+    # the vectorised counts used on bootstrap replicates agree with it (rows/columns in other orders too)
+    from langneurons.ppl import dominance_counts
+    g = np.random.default_rng(0)
+    rc, cc = dominance_counts(d.numpy()[None], ["a", "b", "c"], ["a", "b", "c"])
+    assert (int(rc[0]), int(cc[0])) == (2, 2)
+    stack = g.normal(size=(50, 3, 4))
+    rows, cols = ["b", "a", "c"], ["c", "x", "a", "b"]
+    rc, cc = dominance_counts(stack, rows, cols)
+    for b in range(50):
+        ref = diagonal_dominance(torch.from_numpy(stack[b]), rows, cols)
+        assert (int(rc[b]), int(cc[b])) == (ref["row_count"], ref["column_count"])
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -112,14 +274,46 @@ def test_ppl_command_writes_consistent_record(demo_model, demo_stats, tmp_path, 
     np.testing.assert_allclose(ppl[4:], per_seed.mean(0), atol=1e-4)
     assert all(n == 8 * 31 for n in rec["tokens"].values())
     assert rec["work"]["sequences"] == (1 + 3 + 3 * 2) * 8 * 3
-    assert "PPL" in capsys.readouterr().out
+    # intervals: [row][column][lo, hi] around every point value
+    for name in ("ppl", "mean_nll", "delta_nll", "delta_ppl"):
+        _cells_contain(rec[name], rec[name + "_ci95"])
+        assert np.array(rec[name + "_ci95"]).shape == (7, 3, 2)
+    assert all(c == [0.0, 0.0] for c in rec["delta_nll_ci95"][0] + rec["delta_ppl_ci95"][0])
+    dom = rec["diagonal_dominance"]
+    for kind in ("row", "column"):
+        lo, hi = dom[f"{kind}_count_ci95"]
+        assert isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= dom[f"{kind}_count"] <= hi <= 3
+        head = rec["headline"][f"{kind}_dominance"]
+        assert head == {"count": dom[f"{kind}_count"], "of": dom["languages"], "ci95": [lo, hi]}
+    assert dom["row_share"] == pytest.approx(dom["row_count"] / 3, abs=1e-6)
+    assert set(rec["vs_random"]) == {"en", "fr", "zh"}
+    dn, dn_ci = np.array(rec["delta_nll"]), rec["delta_nll_ci95"]
+    for k, (code, v) in enumerate(rec["vs_random"].items()):
+        c = rec["columns"].index(code)
+        assert v["delta_nll"] == dn[1 + k, c] and v["random_delta_nll"] == dn[4 + k, c]
+        assert v["delta_nll_ci95"] == dn_ci[1 + k][c] and v["random_delta_nll_ci95"] == dn_ci[4 + k][c]
+        assert v["difference"] == pytest.approx(v["delta_nll"] - v["random_delta_nll"], abs=1e-9)
+        lo, hi = v["difference_ci95"]
+        assert lo - 1e-9 <= v["difference"] <= hi + 1e-9
+        assert v["separated"] == (not overlap(v["delta_nll_ci95"], v["random_delta_nll_ci95"])
+                                  and v["delta_nll"] > v["random_delta_nll"])
+        assert v["seeds"] == 2
+    own = rec["headline"]["own_above_random"]
+    assert own == {"count": sum(v["delta_nll"] > v["random_delta_nll"] for v in rec["vs_random"].values()),
+                   "separated": sum(v["separated"] for v in rec["vs_random"].values()), "of": 3}
+    assert "B=2000" in rec["headline"]["intervals"]
+    printed = capsys.readouterr().out
+    assert "PPL" in printed and f"own damage above random: {own['count']}/3" in printed
+    assert f"rows {dom['row_count']}/3 [{dom['row_count_ci95'][0]}, {dom['row_count_ci95'][1]}]" in printed
     # a statistic operator on the same windows: set:mean moves every row but leaves the baseline
     rc = main(_demo_args(demo_model, tmp_path / "ppl2", tmp_path / "ns.json", "--random-seeds", "none",
                          "--operator", "set:mean", "--stats", str(demo_stats)))
     assert rc == 0
     rec2 = json.loads((tmp_path / "ppl2" / "ppl.json").read_text())
     assert rec2["ppl"][0] == rec["ppl"][0]
+    assert rec2["ppl_ci95"][0] == rec["ppl_ci95"][0]           # the same windows, the same seeded draws
     assert rec2["rows"] == ["baseline"] + ns.languages
+    assert rec2["vs_random"] == {} and rec2["headline"]["own_above_random"] is None
 
 
 @pytest.mark.parametrize("case", ["other_model", "missing_stat", "unknown_row", "bad_seeds", "bad_operator"])
@@ -241,8 +435,10 @@ def test_interrupted_ppl_resumes_per_column_and_ends_identical(demo_model, demo_
     again = json.loads((out / "ppl.json").read_text())
     assert again["work"]["resumed_columns"] == ["en"]
     assert again["work"]["sequences"] == whole["work"]["sequences"] * 2 // 3      # 2 of 3 columns recomputed
-    for k in ("ppl", "mean_nll", "delta_nll", "tokens", "diagonal_dominance", "vs_random"):
-        assert again[k] == whole[k], k
+    assert "ppl_ci95" in again and set(again) == set(whole)
+    for k in whole:                                   # the whole record, intervals included
+        if k != "work":
+            assert again[k] == whole[k], k
     assert not (out / ".partial").exists()
     # a changed setting (another operator) does not reuse the checkpoint of another run
     monkeypatch.setattr(P, "perplexity_matrix", crash_after_first_column)

@@ -29,6 +29,22 @@ What is reused instead of ``K^2`` independent full runs:
 
 The layers below the first intervened layer are recomputed for every row (skipping them would
 need architecture-specific code); on a GPU the stacked passes make this cheap.
+
+Intervals (:mod:`langneurons.uncertainty`): every headline number ``x`` of ``ppl.json`` is published
+with ``x_ci95 = [lo, hi]``, the 95% percentile bootstrap interval over ``B = 2000`` replicates. The
+units resampled are the column's held-out windows: all windows of a column have the same length and
+no padding, so the column's ``mean_nll`` is the mean over its windows of the per-window mean NLL,
+and a replicate recomputes it on ``n`` windows drawn with replacement. The draw is **paired**: one
+index draw per replicate and column serves every row (baseline, language rows, random rows), so
+``delta_nll`` / ``delta_ppl`` / the own-vs-random ``difference`` intervals reflect that every row is
+scored on the same windows. Column ``c`` (0-based position in ``columns``) draws its windows with
+``resample_indices(n_c, seed=seed + c)`` (``seed``: the command's ``--seed``); each replicate resamples
+every column with its own draw, so the dominance counts are recomputed per replicate on a whole
+replicate matrix. The ``random:<code>`` rows (means over the random-control seeds) also resample the
+seeds when there are at least two: per replicate, ``S`` seed indices drawn with replacement from
+``numpy.random.default_rng([seed, 1])`` (one draw per replicate, shared by every random row and
+column, since one seed is one control set for every language). Integer counts (dominance) publish
+the percentile interval widened outward to integers (``floor(lo)``, ``ceil(hi)``).
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ import torch
 from .corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
 from .errors import UserError
 from .intervene import Intervention
+from .uncertainty import LEVEL, N_BOOT, interval, overlap, resample_indices
 
 from .artifacts import PPL_FORMAT, PPL_PARTIAL_FORMAT  # noqa: E402 - the tags are defined in the artifact registry
 
@@ -74,10 +91,17 @@ class MatrixResult:
     passes: int
     sequences: int
     seconds: float
+    window_nll: list[torch.Tensor] = field(default_factory=list)   # per column: float64 [R, n_windows]
 
     @property
     def mean_nll(self) -> torch.Tensor:
         return self.nll_sum / torch.tensor(self.tokens, dtype=torch.float64).clamp_min(1)
+
+    def window_mean_nll(self, c: int) -> torch.Tensor:
+        """Per-window mean NLL ``[R, n]`` of column ``c`` (windows have equal length and no padding, so
+        its mean over windows is ``mean_nll[:, c]``)."""
+        per_window = self.tokens[c] // max(self.windows[c], 1)
+        return self.window_nll[c] / max(per_window, 1)
 
     @property
     def ppl(self) -> torch.Tensor:
@@ -92,17 +116,21 @@ def perplexity_matrix(session, rows: list[tuple[str, Optional[Intervention]]], c
 
     Data parallel under torchrun: rank ``r`` runs passes ``r, r + W, ...`` of each column and every
     rank adds the gathered per-pass sums in pass order, so the matrix equals a one-process run.
+    The per-window NLL sums (``window_nll``) come from the same gathered results, so they are the
+    same on every rank.
     Resuming: ``done`` maps a column to its finished result (``{"nll": [R floats], "tokens": int,
-    "windows": int}``), which is used instead of recomputing it; ``on_column(code, result)`` is called
-    as each column finishes, so that a caller can checkpoint it."""
+    "windows": int, "window_nll": [R][n floats]}``), which is used instead of recomputing it (an entry
+    without ``window_nll``, from an older checkpoint, is recomputed); ``on_column(code, result)`` is
+    called as each column finishes, so that a caller can checkpoint it."""
     batch_size = session.batch_size
     R = len(rows)
     nll = torch.zeros(R, len(columns), dtype=torch.float64)
     tokens, nwin = [], []
+    window_nll: list[torch.Tensor] = []
     passes = seqs = 0
     t0 = time.perf_counter()
     bar = None
-    done = done or {}
+    done = {c: v for c, v in (done or {}).items() if isinstance(v, dict) and "window_nll" in v}
     if progress and session.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(R * len(w) for c, w in columns.items() if c not in done), unit="seq", desc="ppl",
@@ -113,6 +141,7 @@ def perplexity_matrix(session, rows: list[tuple[str, Optional[Intervention]]], c
                 nll[:, c] = torch.tensor(done[code]["nll"], dtype=torch.float64)
                 tokens.append(int(done[code]["tokens"]))
                 nwin.append(int(done[code]["windows"]))
+                window_nll.append(torch.tensor(done[code]["window_nll"], dtype=torch.float64).reshape(R, nwin[-1]))
                 continue
             W = torch.from_numpy(np.asarray(windows, dtype=np.int64))
             n = W.shape[0]
@@ -126,19 +155,24 @@ def perplexity_matrix(session, rows: list[tuple[str, Optional[Intervention]]], c
 
             batches = [list(range(s, min(s + batch_size, R * n))) for s in range(0, R * n, batch_size)]
             per_pass = session.map_batches(batches, run, progress=bar.update if bar is not None else None)
+            wn = torch.zeros(R, n, dtype=torch.float64)
             for k in range(len(batches)):                   # pass order: the same sums on every rank
                 nll[:, c].index_add_(0, pair_row[batches[k]], per_pass[k][0])
+                wn[pair_row[batches[k]], pair_win[batches[k]]] = per_pass[k][0].to(torch.float64)
             count = per_pass[0][1] if batches else 0
             passes += len(batches)
             seqs += R * n
             tokens.append(count * n)
             nwin.append(n)
+            window_nll.append(wn)
             if on_column is not None:
-                on_column(code, {"nll": nll[:, c].tolist(), "tokens": count * n, "windows": n})
+                on_column(code, {"nll": nll[:, c].tolist(), "tokens": count * n, "windows": n,
+                                 "window_nll": wn.tolist()})
     if bar is not None:
         bar.close()
     return MatrixResult(rows=[name for name, _ in rows], columns=list(columns), nll_sum=nll, tokens=tokens,
-                        windows=nwin, passes=passes, sequences=seqs, seconds=time.perf_counter() - t0)
+                        windows=nwin, passes=passes, sequences=seqs, seconds=time.perf_counter() - t0,
+                        window_nll=window_nll)
 
 
 # ------------------------------------------------------------------------------------------ summaries
@@ -162,6 +196,69 @@ def diagonal_dominance(delta: torch.Tensor, row_langs: list[str], col_langs: lis
 
 def _round(t: torch.Tensor, nd: int = 6) -> list:
     return [[(round(float(v), nd) if math.isfinite(float(v)) else None) for v in row] for row in t.tolist()]
+
+
+# ------------------------------------------------------------------------------------------ intervals
+def dominance_counts(delta: np.ndarray, row_langs: list[str], col_langs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The row and column counts of :func:`diagonal_dominance` for a stack of matrices ``[B, L, K]``:
+    two int arrays ``[B]`` (vectorised; the same strict comparisons)."""
+    delta = np.asarray(delta, dtype=np.float64)
+    common = [k for k in row_langs if k in col_langs]
+    m = len(common)
+    if m == 0:
+        return np.zeros(delta.shape[0], dtype=np.int64), np.zeros(delta.shape[0], dtype=np.int64)
+    sub = delta[:, [row_langs.index(k) for k in common]][:, :, [col_langs.index(k) for k in common]]
+    diag = np.diagonal(sub, axis1=1, axis2=2)                         # [B, m]
+    same = np.eye(m, dtype=bool)
+    row_ok = ((diag[:, :, None] > sub) | same).all(axis=2)            # d[k, k] > d[k, j], j != k
+    col_ok = ((diag[:, None, :] > sub) | same).all(axis=1)            # d[k, k] > d[j, k], j != k
+    return row_ok.sum(1), col_ok.sum(1)
+
+
+def replicate_nll(res: MatrixResult, seed: int = 0, n_boot: int = N_BOOT) -> np.ndarray:
+    """``[B, R, C]``: every result row's mean NLL on each column's bootstrap resamples of its windows.
+
+    Paired: column ``c`` draws ``resample_indices(n_c, n_boot, seed + c)`` once and every row uses it.
+    A column without windows gives NaN."""
+    R, C = len(res.rows), len(res.columns)
+    out = np.full((n_boot, R, C), np.nan)
+    for c in range(C):
+        wm = res.window_mean_nll(c).numpy()                           # [R, n]
+        n = wm.shape[1]
+        if n == 0:
+            continue
+        idx = resample_indices(n, n_boot, seed + c)
+        counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
+        out[:, :, c] = counts.reshape(n_boot, n).astype(np.float64) @ wm.T / n
+    return out
+
+
+def _ci(reps: np.ndarray, nd: int = 6):
+    """Nested ``[..., [lo, hi]]`` percentile intervals along axis 0, rounded (None where not finite)."""
+    r = np.asarray(reps, dtype=np.float64)
+    if np.isnan(r).any():
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)          # all-NaN cells (no windows)
+            iv = interval(r)
+    else:   # the same numbers as interval() (nanpercentile without NaNs), without its per-cell loop
+        a = (1.0 - LEVEL) / 2.0
+        iv = np.stack([np.percentile(r, 100 * a, axis=0), np.percentile(r, 100 * (1 - a), axis=0)], axis=-1).tolist()
+
+    def rnd(x):
+        if isinstance(x, list):
+            if len(x) == 2 and not isinstance(x[0], list):
+                return [round(float(v), nd) if math.isfinite(float(v)) else None for v in x] \
+                    if all(math.isfinite(float(v)) for v in x) else None
+            return [rnd(v) for v in x]
+        return x
+    return rnd(iv)
+
+
+def _count_ci(reps: np.ndarray) -> list[int]:
+    """Interval of an integer count: the percentile interval widened outward to integers."""
+    lo, hi = interval(np.asarray(reps, dtype=np.float64))
+    return [int(math.floor(lo + 1e-9)), int(math.ceil(hi - 1e-9))]
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -245,7 +342,8 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     # Resume: every finished column is checkpointed in OUT/.partial/ppl.json under a key of everything
     # that determines it (model, rows, their interventions, the column's windows); a rerun of the same
     # command recomputes only the missing columns.
-    key_doc = {"model": model_fingerprint(model), "rows": [name for name, _ in rows],
+    # partial_version 2: parts carry the per-window NLL sums (an older checkpoint is not reused).
+    key_doc = {"partial_version": 2, "model": model_fingerprint(model), "rows": [name for name, _ in rows],
                "neurons": hashlib.sha256(Path(cfg.neurons).read_bytes()).hexdigest(), "operator": op.spec,
                "site": cfg.site, "stats": stats.fingerprint if stats is not None else None,
                "columns": {c: hashlib.sha256(np.ascontiguousarray(w, dtype=np.int64).tobytes()).hexdigest()
@@ -307,15 +405,65 @@ def build_record(res: MatrixResult, row_langs: list[str], seeds: list[int], ns, 
     d_ppl = M_ppl - ppl[base]
     lang_rows = torch.stack([d_nll[main.index(c)] for c in row_langs]) if row_langs else d_nll[:0]
     dom = diagonal_dominance(lang_rows, row_langs, res.columns)
+
+    # bootstrap replicates of the main matrix (module docstring): windows paired across rows, seeds resampled
+    rep = replicate_nll(res, cfg.seed, N_BOOT)                        # [B, R, C]
+    B = rep.shape[0]
+    r_nll = [rep[:, names.index(r)] for r in ["baseline"] + row_langs]
+    r_ppl = [np.exp(x) for x in r_nll]
+    if seeds:
+        S = len(seeds)
+        if S >= 2:
+            sidx = np.random.default_rng([cfg.seed, 1]).integers(0, S, size=(B, S))
+        else:
+            sidx = np.zeros((B, 1), dtype=np.int64)
+        for code in row_langs:
+            per = rep[:, [names.index(f"random[{s}]:{code}") for s in seeds]]      # [B, S, C]
+            chosen = np.take_along_axis(per, sidx[:, :, None], axis=1)
+            r_nll.append(chosen.mean(1))
+            r_ppl.append(np.exp(chosen).mean(1))
+    r_nll = np.stack(r_nll, axis=1)                                   # [B, M, C]
+    r_ppl = np.stack(r_ppl, axis=1)
+    r_dnll = r_nll - r_nll[:, :1]
+    r_dppl = r_ppl - r_ppl[:, :1]
+    d_nll_ci = _ci(r_dnll)
+    L = len(row_langs)
+    rc_reps, cc_reps = dominance_counts(r_dnll[:, 1:1 + L], row_langs, res.columns)
+    m = dom["languages"]
+    dom["row_count_ci95"] = _count_ci(rc_reps)
+    dom["column_count_ci95"] = _count_ci(cc_reps)
+    dom["row_share"] = round(dom["row_count"] / m, 6) if m else None
+    dom["row_share_ci95"] = [round(v / m, 6) for v in dom["row_count_ci95"]] if m else None
+    dom["column_share"] = round(dom["column_count"] / m, 6) if m else None
+    dom["column_share_ci95"] = [round(v / m, 6) for v in dom["column_count_ci95"]] if m else None
+
     vs_random = {}
     if seeds:
         for code in row_langs:
             if code in res.columns:
                 c = res.columns.index(code)
-                real = float(d_nll[main.index(code), c])
-                rand = float(d_nll[main.index(f"random:{code}"), c])
-                vs_random[code] = {"delta_nll": round(real, 6), "random_delta_nll": round(rand, 6),
-                                   "ratio": round(real / rand, 3) if rand > 0 else None}
+                i, j = main.index(code), main.index(f"random:{code}")
+                real = float(d_nll[i, c])
+                rand = float(d_nll[j, c])
+                real_r, rand_r = round(real, 6), round(rand, 6)
+                real_ci, rand_ci = d_nll_ci[i][c], d_nll_ci[j][c]
+                sep = overlap(real_ci, rand_ci)
+                vs_random[code] = {"delta_nll": real_r, "random_delta_nll": rand_r,
+                                   "ratio": round(real / rand, 3) if rand > 0 else None,
+                                   "delta_nll_ci95": real_ci, "random_delta_nll_ci95": rand_ci,
+                                   "difference": round(real_r - rand_r, 6),
+                                   "difference_ci95": _ci(r_dnll[:, i, c] - r_dnll[:, j, c]),
+                                   "separated": bool(sep is False and real_r > rand_r),
+                                   "seeds": len(seeds)}
+    headline = {
+        "row_dominance": {"count": dom["row_count"], "of": m, "ci95": dom["row_count_ci95"]},
+        "column_dominance": {"count": dom["column_count"], "of": m, "ci95": dom["column_count_ci95"]},
+        "own_above_random": ({"count": sum(v["delta_nll"] > v["random_delta_nll"] for v in vs_random.values()),
+                              "separated": sum(v["separated"] for v in vs_random.values()),
+                              "of": len(vs_random)} if seeds else None),
+        "intervals": f"95% percentile bootstrap over held-out windows (paired across rows), random seeds "
+                     f"resampled; B={B}",
+    }
     per_seed = {str(s): {"rows": row_langs, "ppl": _round(torch.stack([ppl[names.index(f"random[{s}]:{c}")]
                                                                        for c in row_langs])) if row_langs else []}
                 for s in seeds}
@@ -330,6 +478,11 @@ def build_record(res: MatrixResult, row_langs: list[str], seeds: list[int], ns, 
         "mean_nll": _round(M_nll),
         "delta_ppl": _round(d_ppl),
         "delta_nll": _round(d_nll),
+        "ppl_ci95": _ci(r_ppl),
+        "mean_nll_ci95": _ci(r_nll),
+        "delta_ppl_ci95": _ci(r_dppl),
+        "delta_nll_ci95": d_nll_ci,
+        "headline": headline,
         "diagonal_dominance": dom,
         "vs_random": vs_random,
         "random_control": {"seeds": seeds, "per_seed": per_seed,
@@ -358,5 +511,23 @@ def print_summary(record: dict, file=None) -> None:
     for r, row in zip(record["rows"], record["ppl"]):
         print(r.ljust(w) + "".join(("-" if v is None else f"{v:.2f}").rjust(10) for v in row), file=file)
     dom = record["diagonal_dominance"]
-    print(f"diagonal dominance (delta NLL): rows {dom['row_count']}/{dom['languages']}, "
-          f"columns {dom['column_count']}/{dom['languages']}", file=file)
+
+    def ci(v) -> str:
+        if not v:
+            return ""
+        fmt = (lambda x: f"{x}") if all(isinstance(x, int) for x in v) else (lambda x: f"{x:.3f}")
+        return f" [{fmt(v[0])}, {fmt(v[1])}]"
+    print(f"diagonal dominance (delta NLL, 95% CI): rows {dom['row_count']}/{dom['languages']}"
+          f"{ci(dom.get('row_count_ci95'))}, columns {dom['column_count']}/{dom['languages']}"
+          f"{ci(dom.get('column_count_ci95'))}", file=file)
+    vs = record.get("vs_random") or {}
+    if vs:
+        print("own vs random delta NLL (own column, 95% CI):", file=file)
+        for code, v in vs.items():
+            mark = "separated" if v.get("separated") else "overlapping"
+            print(f"  {code.ljust(w - 2)}own {v['delta_nll']:.3f}{ci(v.get('delta_nll_ci95'))}   "
+                  f"random {v['random_delta_nll']:.3f}{ci(v.get('random_delta_nll_ci95'))}   {mark}", file=file)
+        own = (record.get("headline") or {}).get("own_above_random")
+        if own:
+            print(f"own damage above random: {own['count']}/{own['of']} "
+                  f"(intervals separated for {own['separated']})", file=file)
