@@ -4,6 +4,7 @@ command, and steering behaviour on a trained 8-language model."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -183,7 +184,39 @@ def test_steer_scoring_mode_writes_record(demo_model, demo_stats, tmp_path, caps
         assert set(r["generation"]["share"]) == {"en", "fr", "zh"}
     assert set(rec["best"]) == {"en", "fr", "zh"}
     assert (out / "steer.png").is_file() and (out / "steer_operators.png").is_file()
-    assert "best per target" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best per target" in printed and "95% CI" in printed and "vs unsteered" in printed
+    # 95% bootstrap intervals next to every headline number, each containing its point value
+    inside = lambda ci, v: ci is not None and len(ci) == 2 and ci[0] - 1e-12 <= v <= ci[1] + 1e-12
+    n_prompts = len(rec["settings"]["neutral_prompts"])
+    base = rec["generation_baseline"]
+    assert set(base) >= {"share", "share_ci95", "examples", "n"} and not any(k.startswith("_") for k in base)
+    assert all(inside(base["share_ci95"][t], base["share"][t]) for t in rec["languages"])
+    for r in rec["operators"].values():
+        K = len(rec["languages"])
+        for a in range(K):
+            for b in range(K):
+                assert (r["lss_ci95"][a][b] is None) == (r["lss"][a][b] is None)
+                assert r["lss"][a][b] is None or inside(r["lss_ci95"][a][b], r["lss"][a][b])
+        assert all(inside(r["lss_by_target_ci95"][t], v) for t, v in r["lss_by_target"].items())
+        assert inside(r["lss_mean_ci95"], r["lss_mean"])
+        g = r["generation"]
+        assert g["n"] == n_prompts * 2
+        for key in ("share", "baseline_share", "delta"):
+            assert all(inside(g[key + "_ci95"][t], g[key][t]) for t in rec["languages"])
+            assert inside(g[key + "_mean_ci95"], g[key + "_mean"])
+        assert g["baseline_share_ci95"] == base["share_ci95"]        # the same draw of runs
+        assert g["baseline_share_mean"] == pytest.approx(sum(base["share"].values()) / K)
+        assert isinstance(g["separated"], bool) and (g["ratio"] is None or g["ratio"] >= 0)
+        for t, pairs in g["pairs"].items():
+            assert len(pairs) == 3 and len({p["prompt"] for p in pairs}) == 3    # distinct prompts
+            assert [p["prompt"] for p in pairs] == rec["settings"]["neutral_prompts"][:3]
+            assert set(pairs[0]) == {"prompt", "unsteered", "steered", "unsteered_label", "steered_label"}
+        assert g["examples"] and "labels" not in g
+    # unsteered side of a pair is the same run whatever the operator
+    unsteered = [[p["unsteered"] for p in r["generation"]["pairs"]["en"]] for r in rec["operators"].values()]
+    assert unsteered[0] == unsteered[1]
+
 
 
 @pytest.mark.parametrize("case", ["missing_stat", "unknown_target", "other_model", "no_data"])
@@ -203,6 +236,183 @@ def test_steer_bad_input(case, demo_model, demo_stats, tmp_path, capsys):
     assert {"missing_stat": "--unit sentence", "unknown_target": "unknown language 'xx'", "other_model": "2x7",
             "no_data": "cloze data"}[case] in err[0]
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ intervals
+class _FakeSession:
+    """Scores and generates without a model: under the intervention toward ``t`` (the intervention is
+    the code itself), the continuation ``t<i>`` of item ``i`` gains log-likelihood 1 when ``i`` is in
+    ``winners[t]``; generations are run labels, rewritten to ``t`` for the runs in ``steered[t]``."""
+    is_main = True
+
+    def __init__(self, winners=None, base_labels=None, steered=None):
+        self.winners, self.base_labels, self.steered = winners or {}, base_labels or [], steered or {}
+        self.iv = None
+        self.calls = []
+
+    def intervened(self, iv):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.iv = iv
+            try:
+                yield
+            finally:
+                self.iv = None
+        return ctx()
+
+    def loglikelihood(self, pairs):
+        out = []
+        for ctx, cont in pairs:
+            i = int(ctx.split("-")[-1])
+            t = self.iv
+            out.append((1.0 if t is not None and cont.strip() == f"{t}{i}" and i in self.winners.get(t, ()) else 0.0, 1))
+        return out
+
+    def generate(self, prompts, max_new_tokens, sample=False, seed=0):
+        self.calls.append((tuple(prompts), seed, self.iv))
+        labels = list(self.base_labels)
+        for i in self.steered.get(self.iv, ()):
+            labels[i] = self.iv
+        return [f"{p}|{i}|{lab}" for i, (p, lab) in enumerate(zip(prompts, labels))]
+
+
+class _FakeIdentifier:
+    def __init__(self, languages):
+        self.languages = list(languages)
+
+    def labels(self, texts):
+        return [None if t.rsplit("|", 1)[1] == "None" else t.rsplit("|", 1)[1] for t in texts]
+
+
+def _toy_items(n, langs, missing=None):
+    missing = missing or {}
+    return [ClozeItem(str(i), {c: f"q-{c}-{i}" for c in langs if c not in missing.get(i, ())},
+                      {c: f"{c}{i}" for c in langs if c not in missing.get(i, ())}, {})
+            for i in range(n)]
+
+
+def test_lss_intervals_all_wins_is_one():
+    langs = ["en", "fr", "zh"]
+    items = _toy_items(6, langs)
+    res = lss(_FakeSession(winners={t: range(6) for t in langs}), items, langs, lambda t: t, seed=3)
+    assert res["lss_mean"] == 1.0 and res["lss_mean_ci95"] == [1.0, 1.0]
+    assert all(v == 1.0 for v in res["lss_by_target"].values())
+    assert all(ci == [1.0, 1.0] for ci in res["lss_by_target_ci95"].values())
+    for a in range(3):
+        for b in range(3):
+            assert res["lss_ci95"][a][b] == (None if a == b else [1.0, 1.0])
+    assert res["_wins"][0][1] == {"items": list(range(6)), "wins": [1] * 6}
+    none = lss(_FakeSession(), items, langs, lambda t: t)                # nothing changes: ties fail
+    assert none["lss_mean"] == 0.0 and none["lss_mean_ci95"] == [0.0, 0.0]
+
+
+def test_lss_intervals_mix_joint_item_draw():
+    from langneurons.uncertainty import N_BOOT, interval, resample_indices
+    langs = ["en", "fr", "zh"]
+    # items 7-9 lack fr: the cells with fr use 7 of the 10 items
+    items = _toy_items(10, langs, missing={7: ["fr"], 8: ["fr"], 9: ["fr"]})
+    winners = {"en": {0, 2, 4, 6, 8}, "fr": {1, 2, 3}, "zh": {0, 1, 2, 3, 4, 5, 8}}
+    res = lss(_FakeSession(winners=winners), items, langs, lambda t: t, seed=11)
+    assert res["items"][0][1] == 7 and res["items"][2][0] == 10
+    assert res["lss"][0][1] == pytest.approx(3 / 7) and res["lss"][1][2] == pytest.approx(6 / 7)
+    assert res["lss"][0][2] == pytest.approx(7 / 10)
+    for a in range(3):
+        for b in range(3):
+            if a != b:
+                lo, hi = res["lss_ci95"][a][b]
+                assert lo <= res["lss"][a][b] <= hi and lo < hi
+    for t, (lo, hi) in res["lss_by_target_ci95"].items():
+        assert lo <= res["lss_by_target"][t] <= hi
+    lo, hi = res["lss_mean_ci95"]
+    assert lo <= res["lss_mean"] <= hi
+    # brute force: one item draw per replicate over all 10 items, each cell counts its valid items
+    idx = resample_indices(10, N_BOOT, 11)
+    cells = {(a, b): res["_wins"][a][b] for a in range(3) for b in range(3) if a != b}
+    reps_zh, reps_all = [], []
+    for row in idx:
+        vals = {}
+        for (a, b), c in cells.items():
+            pos = {i: j for j, i in enumerate(c["items"])}
+            drawn = [c["wins"][pos[i]] for i in row if i in pos]
+            if drawn:                    # (seed 11 has one replicate without any item that has fr)
+                vals[(a, b)] = sum(drawn) / len(drawn)
+        zh = [vals[c] for c in ((0, 2), (1, 2)) if c in vals]
+        reps_zh.append(sum(zh) / len(zh))
+        reps_all.append(sum(vals.values()) / len(vals))
+    assert res["lss_by_target_ci95"]["zh"] == pytest.approx(interval(reps_zh))
+    assert res["lss_mean_ci95"] == pytest.approx(interval(reps_all))
+
+
+def _gen(session, langs, **kw):
+    from langneurons.steer import generation_shares
+    return generation_shares(session, langs, lambda t: t, prompts=("a", "b", "c", "d"), samples=3,
+                             identifier=_FakeIdentifier(langs), **kw)
+
+
+def test_generation_intervals_identical_labels_paired_delta_is_zero():
+    langs = ["en", "fr", "zh"]
+    base = ["en", "fr", "zh", None, "en", "en", "fr", "zh", "zh", "en", None, "fr"]
+    g = _gen(_FakeSession(base_labels=base), langs, seed=4)              # steering changes nothing
+    assert g["n"] == 12
+    assert g["delta_ci95"] == {t: [0.0, 0.0] for t in langs} and g["delta_mean_ci95"] == [0.0, 0.0]
+    assert g["share_ci95"] == g["baseline_share_ci95"]
+    for t in langs:
+        lo, hi = g["share_ci95"][t]
+        assert lo <= g["share"][t] <= hi and lo < hi
+    assert g["share"] == {"en": 4 / 12, "fr": 3 / 12, "zh": 3 / 12} and g["ratio"] == 1.0
+    assert not g["separated"]
+    assert g["_baseline"]["share_ci95"] == g["baseline_share_ci95"]
+    for t, pairs in g["pairs"].items():
+        assert [p["prompt"] for p in pairs] == ["a", "b", "c"]
+        assert all(p["steered"] == p["unsteered"] for p in pairs)
+        assert [p["steered_label"] for p in pairs] == [base[0], base[3], base[6]]
+
+
+def test_generation_intervals_steered_shift_and_baseline_reuse():
+    from langneurons.uncertainty import N_BOOT, interval, resample_indices
+    langs = ["en", "fr"]
+    base = [None] * 11 + ["en"]
+    steered = {"en": range(0, 12), "fr": range(0, 12, 2)}
+    s = _FakeSession(base_labels=base, steered=steered)
+    g = _gen(s, langs, seed=7)
+    assert g["share"] == {"en": 1.0, "fr": 0.5} and g["baseline_share"] == {"en": 1 / 12, "fr": 0.0}
+    assert g["share_ci95"]["en"] == [1.0, 1.0]
+    assert g["separated"] and g["ratio"] == pytest.approx(0.75 / (1 / 24))
+    # the paired delta by hand: the same run indices for steered and unsteered
+    idx = resample_indices(12, N_BOOT, 7)
+    d_en = [(12 - sum(base[i] == "en" for i in row)) / 12 for row in idx]
+    assert g["delta_ci95"]["en"] == pytest.approx(interval(d_en))
+    assert all(seed == 7 and prompts == tuple(p for p in "abcd" for _ in range(3)) for prompts, seed, _ in s.calls)
+    assert [p["steered_label"] for p in g["pairs"]["fr"]] == ["fr", None, "fr"]      # runs 0, 3, 6
+    # a later operator pairs with the same unsteered runs without regenerating them
+    s2 = _FakeSession(base_labels=base, steered=steered)
+    g2 = _gen(s2, langs, seed=7, baseline=g["_baseline"])
+    assert {k: v for k, v in g2.items() if k != "_baseline"} == {k: v for k, v in g.items() if k != "_baseline"}
+    assert all(iv is not None for _, _, iv in s2.calls)
+    with pytest.raises(ValueError, match="paired"):
+        _gen(s2, langs, seed=8, baseline=g["_baseline"])
+
+
+def test_evaluate_steering_progress_line_and_record(capsys):
+    from langneurons.steer import evaluate_steering
+    langs = ["en", "fr"]
+    s = _FakeSession(winners={"en": {0, 1}, "fr": {0}}, base_labels=["en", None, "fr", None] * 3,
+                     steered={"en": range(6), "fr": range(3)})
+    ev = evaluate_steering(s, {"op": {t: t for t in langs}}, langs, items=_toy_items(4, langs), generation=True,
+                           neutral_prompts=("a", "b", "c", "d"), samples=3, seed=2, progress=True,
+                           identifier=_FakeIdentifier(langs))
+    err = capsys.readouterr().err
+    num = r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]"
+    assert re.search(r"steer op: LSS mean \d\.\d{3} \[\d\.\d\d, \d\.\d\d\], target share " + num
+                     + " vs unsteered " + num, err), err
+    r = ev["operators"]["op"]
+    assert "_wins" not in r and "_baseline" not in r["generation"]
+    assert not any(k.startswith("_") for k in ev["generation_baseline"])
+    assert ev["best"]["en"]["value_ci95"] == r["lss_by_target_ci95"]["en"]
+    assert ev["best_generation"]["fr"]["value_ci95"] == r["generation"]["share_ci95"]["fr"]
+    json.dumps(ev, allow_nan=False)                                          # plain JSON
 
 
 def test_best_per_target():

@@ -47,7 +47,27 @@ From neutral prompts (default: BOS alone and a few punctuation/number starts), s
 ``samples`` continuations per prompt (seeded; the same seeds with and without intervention) and
 identify their language (:mod:`langneurons.langid`, restricted to the compared languages):
 ``share[t]`` = fraction of outputs identified as ``t`` under ``t``'s intervention, against the
-baseline fraction.
+baseline fraction. Run ``i`` (prompt ``i // samples``, sampling seed of its batch) is the same
+with and without intervention, so steered and unsteered generations form pairs; ``pairs[t]`` shows
+the first three runs with distinct prompts side by side.
+
+Uncertainty
+-----------
+Every headline number ``x`` has a sibling ``x_ci95 = [lo, hi]``: the 2.5 and 97.5 percentiles of
+``x`` recomputed on ``B = 2000`` bootstrap resamples (:mod:`langneurons.uncertainty`), drawn with
+the run's ``seed`` (``--seed``), so a rerun gives the same interval.
+
+* Generation: the unit is the run (``n = len(prompts) * samples`` per target). One draw of run
+  indices per replicate serves the baseline and every target, so ``delta_ci95`` (and
+  ``delta_mean_ci95``) are *paired* intervals: identical steered and unsteered labels give
+  ``[0, 0]``. ``share_mean_ci95``, ``baseline_share_mean_ci95`` come from the same draw;
+  ``separated`` says the two mean intervals do not overlap and the steered mean is higher.
+  ``generation_baseline.share_ci95`` uses that same draw (equal to ``baseline_share_ci95``).
+* LSS: the unit is the cloze item (by position in the item list). ``lss_ci95[s][t]`` resamples the
+  items of cell ``(s, t)`` alone. ``lss_by_target_ci95`` and ``lss_mean_ci95`` draw item indices
+  once per replicate over the whole list (items are shared by the sources): each cell counts the
+  drawn items valid for it, with their multiplicity, and the replicate averages the cells as the
+  point value does (a cell without a valid drawn item sits that replicate out).
 
 Sweep
 -----
@@ -66,11 +86,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .errors import UserError
 from .jsonl import iter_jsonl, read_jsonl
 from .intervene import Intervention
+from .uncertainty import N_BOOT, interval, mean_ci, overlap, resample_indices
 
 from .artifacts import STEER_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
 NO_SPACE = {"zh", "ja", "th", "lo", "km", "my", "bo", "yue", "wuu"}
@@ -283,7 +305,8 @@ def continuation_loglik(session, pairs: Sequence[tuple[str, str]]) -> torch.Tens
 
 
 def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
-        make_intervention: Callable[[str], Optional[Intervention]], baseline: Optional[dict] = None) -> dict:
+        make_intervention: Callable[[str], Optional[Intervention]], baseline: Optional[dict] = None,
+        seed: int = 0, n_boot: int = N_BOOT) -> dict:
     """Language Steering Shift of every (source, target) pair (module docstring).
 
     ``make_intervention(t)`` gives the intervention that steers toward ``t``. ``baseline``: a dict
@@ -291,7 +314,9 @@ def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
     target ``t`` scores exactly the pairs of the steered pass in the same batches, so an intervention
     that changes nothing gives ``D1 == D0`` bit for bit (a tie, which fails) whatever the batching.
     Returns ``{"lss": [K][K] (None on the diagonal), "lss_by_target", "lss_mean", "mean_shift",
-    "items": [K][K] item counts, "_ll0": cache}``.
+    "items": [K][K] item counts, "lss_ci95", "lss_by_target_ci95", "lss_mean_ci95" (bootstrap over
+    items seeded with ``seed``, see :func:`lss_intervals`), "_wins": [K][K] of None or
+    ``{"items": [item positions], "wins": [0/1 per item]}``, "_ll0": cache}``.
     """
     langs = list(languages)
     K = len(langs)
@@ -300,6 +325,7 @@ def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
     M = [[None] * K for _ in range(K)]
     shift = [[None] * K for _ in range(K)]
     counts = [[0] * K for _ in range(K)]
+    cells = [[None] * K for _ in range(K)]
     for b, t in enumerate(langs):
         iv = make_intervention(t)
         srcs = [s for s in langs if s != t]
@@ -323,16 +349,17 @@ def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
             to_t, to_s = ll1[pos:pos + n], ll1[pos + n:pos + 2 * n]
             b0t, b0s = base[pos:pos + n], base[pos + n:pos + 2 * n]
             pos += 2 * n
-            wins, d = 0, 0.0
+            win, d = [], 0.0
             for j in range(n):
                 d1 = to_t[j] - to_s[j]
                 d0 = b0t[j] - b0s[j]
-                wins += (d1 - d0) > 0
+                win.append(int((d1 - d0) > 0))
                 d += d1 - d0
             a = langs.index(s)
             counts[a][b] = n
+            cells[a][b] = {"items": list(keep), "wins": win}
             if n:
-                M[a][b] = wins / n
+                M[a][b] = sum(win) / n
                 shift[a][b] = d / n
     by_target = {}
     for b, t in enumerate(langs):
@@ -340,7 +367,63 @@ def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
         by_target[t] = sum(vals) / len(vals) if vals else None
     off = [M[a][b] for a in range(K) for b in range(K) if a != b and M[a][b] is not None]
     return {"lss": M, "lss_by_target": by_target, "lss_mean": sum(off) / len(off) if off else None,
-            "mean_shift": shift, "items": counts, "_ll0": ll0}
+            "mean_shift": shift, "items": counts,
+            **lss_intervals(cells, len(items), langs, seed=seed, n_boot=n_boot),
+            "_wins": cells, "_ll0": ll0}
+
+
+def _draw_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, n]`` float64: how often each unit occurs in each replicate's draw
+    (:func:`langneurons.uncertainty.resample_indices` with ``seed``)."""
+    idx = resample_indices(n, n_boot, seed)
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def _nanmean_rows(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 1 ignoring NaN (NaN where a row has no value), without warnings."""
+    ok = ~np.isnan(x)
+    cnt = ok.sum(axis=1)
+    tot = np.where(ok, x, 0.0).sum(axis=1)
+    with np.errstate(all="ignore"):
+        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+
+
+def lss_intervals(cells: list, n_items: int, languages: Sequence[str], seed: int = 0,
+                  n_boot: int = N_BOOT) -> dict:
+    """95% bootstrap intervals of the LSS numbers from per-item wins (module docstring).
+
+    ``cells[a][b]``: None or ``{"items": positions in the item list, "wins": 0/1 per item}`` for
+    source ``a`` and target ``b``. Returns ``{"lss_ci95": [K][K] of [lo, hi] or None (diagonal, empty
+    cells), "lss_by_target_ci95": {t: [lo, hi] or None}, "lss_mean_ci95": [lo, hi] or None}``.
+    ``lss_ci95`` resamples each cell's own items; the other two draw item indices once per
+    replicate over all ``n_items`` items, shared by every cell, and weight each cell's valid items
+    by their multiplicity in the draw.
+    """
+    langs = list(languages)
+    K = len(langs)
+    cell_ci = [[None] * K for _ in range(K)]
+    live = [(a, b) for a in range(K) for b in range(K)
+            if a != b and cells[a][b] is not None and cells[a][b]["wins"]]
+    for a, b in live:
+        cell_ci[a][b] = mean_ci(cells[a][b]["wins"], n_boot=n_boot, seed=seed)["ci95"]
+    by_target = {t: None for t in langs}
+    mean = None
+    if live and n_items > 0:
+        W = _draw_weights(n_items, n_boot, seed)
+        reps = {}
+        for a, b in live:
+            Wc = W[:, cells[a][b]["items"]]
+            num = Wc @ np.asarray(cells[a][b]["wins"], dtype=np.float64)
+            den = Wc.sum(axis=1)
+            with np.errstate(all="ignore"):
+                reps[(a, b)] = np.where(den > 0, num / np.maximum(den, 1.0), np.nan)
+        for b, t in enumerate(langs):
+            cols = [reps[(a, bb)] for (a, bb) in live if bb == b]
+            if cols:
+                by_target[t] = interval(_nanmean_rows(np.stack(cols, axis=1)))
+        mean = interval(_nanmean_rows(np.stack([reps[c] for c in live], axis=1)))
+    return {"lss_ci95": cell_ci, "lss_by_target_ci95": by_target, "lss_mean_ci95": mean}
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -356,33 +439,124 @@ def generate_texts(session, prompts: Sequence[str], max_new_tokens: int = 32, sa
         return session.generate(list(prompts), max_new_tokens, sample=sample, seed=seed)
 
 
+def _shares(labels: Sequence[Optional[str]], codes: Sequence[str]) -> dict[str, float]:
+    """Fraction of ``labels`` equal to each code (unclassified texts count in the total), as
+    :meth:`langneurons.langid.LanguageIdentifier.shares`."""
+    n = max(1, len(labels))
+    return {code: sum(1 for x in labels if x == code) / n for code in codes}
+
+
+def _indicators(labels: Sequence[Optional[str]], codes: Sequence[str]) -> np.ndarray:
+    """``[len(codes), n]`` float64: 1 where run ``i`` is identified as ``codes[k]``."""
+    return np.array([[x == c for x in labels] for c in codes], dtype=np.float64).reshape(len(codes), len(labels))
+
+
+def generation_intervals(baseline_labels: Sequence[Optional[str]], labels: dict[str, Sequence[Optional[str]]],
+                         languages: Sequence[str], seed: int = 0, n_boot: int = N_BOOT) -> dict:
+    """Paired 95% bootstrap intervals of the generation shares (module docstring).
+
+    ``baseline_labels[i]``: the identified language of unsteered run ``i``; ``labels[t][i]``: that of
+    the same run steered toward ``t``. One draw of run indices per replicate (seeded with ``seed``)
+    serves the baseline and every target. Returns ``{"share_ci95", "baseline_share_ci95",
+    "delta_ci95"}`` ({t: [lo, hi]}) and ``{"share_mean_ci95", "baseline_share_mean_ci95",
+    "delta_mean_ci95"}`` ([lo, hi], means over targets); all None without runs.
+    """
+    langs = list(languages)
+    n = len(baseline_labels)
+    if any(len(labels[t]) != n for t in langs):
+        raise ValueError("steered and unsteered generations must be the same runs (equal counts)")
+    keys = ("share", "baseline_share", "delta")
+    if n == 0:
+        return {**{f"{k}_ci95": {t: None for t in langs} for k in keys},
+                **{f"{k}_mean_ci95": None for k in keys}}
+    W = _draw_weights(n, n_boot, seed)                                          # [B, n] multiplicities
+    # counts / n, as the point value (exact: an all-t sample gives 1.0, not 0.999...)
+    steered = (W @ np.stack([_indicators(labels[t], [t])[0] for t in langs]).T) / n   # [B, K]
+    base = (W @ _indicators(baseline_labels, langs).T) / n                            # [B, K]
+    out = {}
+    for k, rep in zip(keys, (steered, base, steered - base)):
+        out[f"{k}_ci95"] = dict(zip(langs, interval(rep)))
+        out[f"{k}_mean_ci95"] = interval(rep.mean(axis=1))
+    return out
+
+
+def _side_by_side(runs: Sequence[str], base: dict, texts: Sequence[str], labels: Sequence[Optional[str]],
+                  k: int = 3) -> list[dict]:
+    """The first ``k`` runs with distinct prompts, unsteered and steered (same run index)."""
+    out, seen = [], set()
+    for i, p in enumerate(runs):
+        if p in seen:
+            continue
+        seen.add(p)
+        out.append({"prompt": p, "unsteered": base["_texts"][i], "steered": texts[i],
+                    "unsteered_label": base["_labels"][i], "steered_label": labels[i]})
+        if len(out) == k:
+            break
+    return out
+
+
+def public_baseline(baseline: Optional[dict]) -> Optional[dict]:
+    """The generation baseline without its internal per-run arrays (keys starting with ``_``)."""
+    return None if baseline is None else {k: v for k, v in baseline.items() if not k.startswith("_")}
+
+
 def generation_shares(session, languages: Sequence[str], make_intervention: Callable[[str], Optional[Intervention]],
                       prompts: Sequence[str] = DEFAULT_NEUTRAL_PROMPTS, samples: int = 8, max_new_tokens: int = 32,
-                      seed: int = 0, identifier=None, baseline: Optional[dict] = None) -> dict:
-    """Share of generations identified as the target language, steered vs baseline (module docstring)."""
+                      seed: int = 0, identifier=None, baseline: Optional[dict] = None, n_boot: int = N_BOOT) -> dict:
+    """Share of generations identified as the target language, steered vs baseline (module docstring).
+
+    ``seed`` seeds the sampling and the bootstrap. ``baseline``: the ``"_baseline"`` of a previous
+    call with the same prompts, samples and seed (the unsteered runs, reused and paired with).
+    Returns ``share``, ``baseline_share``, ``delta`` ({t: value}), their ``*_ci95``, ``share_mean``,
+    ``baseline_share_mean``, ``delta_mean`` and their ``*_ci95``, ``ratio``, ``separated``, ``n``,
+    ``examples``, ``pairs`` and ``_baseline`` (``share``, ``share_ci95``, ``n``, ``examples`` and the
+    internal ``_prompts``, ``_texts``, ``_labels``, ``_seed``).
+    """
     from .langid import LanguageIdentifier
     langs = list(languages)
     idf = identifier or LanguageIdentifier(langs)
+    codes = list(getattr(idf, "languages", langs))
     runs = [p for p in prompts for _ in range(samples)]
+    n = len(runs)
     if baseline is None:
         texts = generate_texts(session, runs, max_new_tokens, sample=True, seed=seed)
-        baseline = {"share": idf.shares(texts), "examples": texts[: min(4, len(texts))]}
-    share, examples = {}, {}
+        labels0 = list(idf.labels(texts))
+        ci0 = generation_intervals(labels0, {c: labels0 for c in codes}, codes, seed=seed, n_boot=n_boot)
+        baseline = {"share": _shares(labels0, codes), "share_ci95": ci0["baseline_share_ci95"], "n": n,
+                    "examples": texts[: min(4, len(texts))],
+                    "_prompts": runs, "_texts": list(texts), "_labels": labels0, "_seed": seed}
+    elif baseline.get("_prompts") != runs or baseline.get("_seed") != seed or "_labels" not in baseline:
+        raise ValueError("the generation baseline comes from other prompts, samples or seed; it cannot be paired")
+    share, examples, labels, pairs = {}, {}, {}, {}
     for t in langs:
         iv = make_intervention(t)
         texts = generate_texts(session, runs, max_new_tokens, sample=True, seed=seed, intervention=iv)
-        share[t] = idf.shares(texts)[t]
+        labels[t] = list(idf.labels(texts))
+        share[t] = _shares(labels[t], codes)[t]
         examples[t] = texts[: min(4, len(texts))]
-    delta = {t: share[t] - baseline["share"][t] for t in langs}
-    return {"share": share, "baseline_share": {t: baseline["share"][t] for t in langs}, "delta": delta,
-            "share_mean": sum(share.values()) / len(share), "delta_mean": sum(delta.values()) / len(delta),
-            "examples": examples, "_baseline": baseline}
+        pairs[t] = _side_by_side(runs, baseline, texts, labels[t])
+    base_share = {t: baseline["share"][t] for t in langs}
+    delta = {t: share[t] - base_share[t] for t in langs}
+    ci = generation_intervals(baseline["_labels"], labels, langs, seed=seed, n_boot=n_boot)
+    share_mean = sum(share.values()) / len(share)
+    base_mean = sum(base_share.values()) / len(base_share)
+    apart = overlap(ci["share_mean_ci95"], ci["baseline_share_mean_ci95"])
+    return {"share": share, "share_ci95": ci["share_ci95"],
+            "baseline_share": base_share, "baseline_share_ci95": ci["baseline_share_ci95"],
+            "delta": delta, "delta_ci95": ci["delta_ci95"],
+            "share_mean": share_mean, "share_mean_ci95": ci["share_mean_ci95"],
+            "baseline_share_mean": base_mean, "baseline_share_mean_ci95": ci["baseline_share_mean_ci95"],
+            "delta_mean": sum(delta.values()) / len(delta), "delta_mean_ci95": ci["delta_mean_ci95"],
+            "ratio": share_mean / base_mean if base_mean else None,
+            "separated": bool(apart is False and share_mean > base_mean),
+            "n": n, "examples": examples, "pairs": pairs, "_baseline": baseline}
 
 
 # ------------------------------------------------------------------------------------------ sweep
 def best_per_target(results: dict[str, dict], languages: Sequence[str], key: str = "lss_by_target") -> dict:
     """``{t: {"operator", "value"}}``: the operator with the highest ``results[op][key][t]``
-    (first listed on ties; operators without a value are skipped)."""
+    (first listed on ties; operators without a value are skipped). When the results carry
+    ``key + "_ci95"``, the entry also has ``value_ci95``."""
     best = {}
     for t in languages:
         top = None
@@ -393,7 +567,23 @@ def best_per_target(results: dict[str, dict], languages: Sequence[str], key: str
             if top is None or v > top[1]:
                 top = (op, v)
         best[t] = {"operator": top[0], "value": top[1]} if top else None
+        if top and isinstance(results[top[0]].get(key + "_ci95"), dict):
+            best[t]["value_ci95"] = results[top[0]][key + "_ci95"].get(t)
     return best
+
+
+def format_ci(ci: Optional[Sequence[float]], digits: int = 2) -> str:
+    """``"[0.25, 0.37]"`` (empty for a missing interval)."""
+    if ci is None or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return ""
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _with_ci(value: Optional[float], ci: Optional[Sequence[float]], digits: int) -> str:
+    if value is None:
+        return "n/a"
+    text = format_ci(ci, 2)
+    return f"{value:.{digits}f}" + (f" {text}" if text else "")
 
 
 # ------------------------------------------------------------------------------------------ the evaluation run
@@ -419,7 +609,9 @@ def evaluate_steering(session, interventions: dict[str, dict[str, Intervention]]
                       neutral_prompts: Sequence[str] = DEFAULT_NEUTRAL_PROMPTS, samples: int = 8,
                       max_new_tokens: int = 32, seed: int = 0, progress: bool = False, identifier=None) -> dict:
     """LSS (when ``items``) and generation shares (when ``generation``) of every operator, and the
-    best operator per target. Baseline scores are computed once and shared by every operator."""
+    best operator per target. Baseline scores are computed once and shared by every operator;
+    ``seed`` seeds the sampling and every bootstrap interval (module docstring, Uncertainty).
+    ``generation_baseline`` is written without its per-run arrays (texts, labels)."""
     import sys
     import time
     langs = list(languages)
@@ -429,8 +621,9 @@ def evaluate_steering(session, interventions: dict[str, dict[str, Intervention]]
         t0 = time.perf_counter()
         res: dict = {}
         if items:
-            r = lss(session, items, langs, per_target.get, baseline=ll0)
+            r = lss(session, items, langs, per_target.get, baseline=ll0, seed=seed)
             ll0 = r.pop("_ll0")
+            r.pop("_wins")
             res.update(r)
         if generation:
             g = generation_shares(session, langs, per_target.get, neutral_prompts, samples, max_new_tokens,
@@ -440,20 +633,29 @@ def evaluate_steering(session, interventions: dict[str, dict[str, Intervention]]
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[op] = res
         if progress and session.is_main:
-            parts = []
-            if items:
-                parts.append(f"LSS mean {res['lss_mean']:.3f}" if res.get("lss_mean") is not None else "LSS n/a")
-            if generation:
-                parts.append(f"target share {res['generation']['share_mean']:.3f}")
-            print(f"langneurons: steer {op}: {', '.join(parts)} ({res['seconds']} s)", file=sys.stderr)
+            print(f"langneurons: steer {op}: {summary_line(res)} ({res['seconds']} s)", file=sys.stderr)
     out = {"operators": results}
     if items:
         out["best"] = best_per_target(results, langs, "lss_by_target")
     if generation:
-        shares = {op: {"share_by_target": r["generation"]["share"]} for op, r in results.items()}
+        shares = {op: {"share_by_target": r["generation"]["share"],
+                       "share_by_target_ci95": r["generation"]["share_ci95"]} for op, r in results.items()}
         out["best_generation"] = best_per_target(shares, langs, "share_by_target")
-        out["generation_baseline"] = gen0
+        out["generation_baseline"] = public_baseline(gen0)
     return out
+
+
+def summary_line(res: dict) -> str:
+    """One operator's headline numbers with their 95% intervals, e.g. ``LSS mean 0.771 [0.70, 0.84],
+    target share 0.31 [0.25, 0.37] vs unsteered 0.10 [0.08, 0.12]``."""
+    parts = []
+    if "lss_mean" in res:
+        parts.append("LSS mean " + _with_ci(res["lss_mean"], res.get("lss_mean_ci95"), 3))
+    g = res.get("generation")
+    if g:
+        parts.append(f"target share {_with_ci(g['share_mean'], g.get('share_mean_ci95'), 2)} vs unsteered "
+                     f"{_with_ci(g.get('baseline_share_mean'), g.get('baseline_share_mean_ci95'), 2)}")
+    return ", ".join(parts)
 
 
 def steer_record(evaluation: dict, languages: Sequence[str], settings: dict, skipped: dict) -> dict:

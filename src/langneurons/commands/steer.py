@@ -21,6 +21,9 @@ Two modes.
    --generation the share of sampled generations from neutral prompts that an offline language
    identifier (langid) assigns to the target. --sweep tries several operators and picks the best
    per target. Writes DIR/steer.json and DIR/steer.png (+ steer_operators.png for several operators).
+   Every headline number x comes with x_ci95 = [lo, hi], a 95% bootstrap interval (2000 resamples
+   seeded with --seed): cloze items are resampled for LSS; generation runs (prompt x sample) are
+   resampled jointly with their unsteered twins, so the steered-minus-unsteered delta is paired.
 
 Cloze JSONL (one item per line):
   {"id": "1", "lang": {"en": {"prompt": "Einstein was born in", "object": "Ulm"},
@@ -180,22 +183,52 @@ def check_outputs(args) -> str:
     return key
 
 
+def _ci_cell(ci) -> str:
+    """``0.25-0.37`` (``-`` when missing): a compact interval for the summary table."""
+    if not ci or any(v is None for v in ci):
+        return "-"
+    return f"{ci[0]:.2f}-{ci[1]:.2f}"
+
+
 def _print_summary(record: dict) -> None:
+    """Per operator: per-target LSS (or target share without cloze data) and the mean, each with its
+    95% bootstrap interval on the row below; then the generation shares against the unsteered runs
+    and the best operator per target, with intervals."""
+    from ..steer import format_ci
     langs = record["languages"]
-    print("operator".ljust(18) + "".join(t.rjust(8) for t in langs) + "    mean")
+    w = 11
+    print("operator".ljust(18) + "".join(t.rjust(w) for t in langs) + "mean".rjust(w))
+    gen_lines = []
     for op, r in record["operators"].items():
+        g = r.get("generation")
         if "lss_by_target" in r:
-            vals = r["lss_by_target"]
-            mean = r["lss_mean"]
+            vals, cis = r["lss_by_target"], r.get("lss_by_target_ci95") or {}
+            mean, mean_ci = r["lss_mean"], r.get("lss_mean_ci95")
             tag = "LSS"
         else:
-            vals = r["generation"]["share"]
-            mean = r["generation"]["share_mean"]
+            vals, cis = g["share"], g.get("share_ci95") or {}
+            mean, mean_ci = g["share_mean"], g.get("share_mean_ci95")
             tag = "share"
-        cells = "".join(("-" if vals.get(t) is None else f"{vals[t]:.2f}").rjust(8) for t in langs)
-        print(f"{op} ({tag})"[:18].ljust(18) + cells + ("-" if mean is None else f"{mean:.3f}").rjust(8))
-    if record.get("best"):
-        print("best per target: " + ", ".join(f"{t}={b['operator']}" for t, b in record["best"].items() if b))
+        cells = "".join(("-" if vals.get(t) is None else f"{vals[t]:.2f}").rjust(w) for t in langs)
+        print(f"{op} ({tag})"[:18].ljust(18) + cells + ("-" if mean is None else f"{mean:.3f}").rjust(w))
+        print("  95% CI".ljust(18) + "".join(_ci_cell(cis.get(t)).rjust(w) for t in langs)
+              + _ci_cell(mean_ci).rjust(w))
+        if g:
+            ratio = g.get("ratio")
+            extra = ([f"ratio {ratio:.2f}"] if ratio is not None else []) + (["separated"] if g.get("separated") else [])
+            gen_lines.append(
+                f"  {op}: {g['share_mean']:.2f} {format_ci(g.get('share_mean_ci95'))} vs unsteered "
+                f"{g['baseline_share_mean']:.2f} {format_ci(g.get('baseline_share_mean_ci95'))}, paired delta "
+                f"{g['delta_mean']:+.2f} {format_ci(g.get('delta_mean_ci95'))}"
+                + (f" ({', '.join(extra)})" if extra else "") + f", n={g.get('n')} per target")
+    if gen_lines:
+        print("generation, mean target share (95% CI):")
+        print("\n".join(gen_lines))
+    for key, name in (("best", "best per target"), ("best_generation", "best per target (generation share)")):
+        best = record.get(key)
+        if best:
+            print(f"{name}: " + ", ".join(f"{t}={b['operator']} {b['value']:.2f} {format_ci(b.get('value_ci95'))}".rstrip()
+                                          for t, b in best.items() if b))
 
 
 def _session(args, ns):
