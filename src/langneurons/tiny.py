@@ -27,6 +27,11 @@ from .atomic import atomic_write_text
 #: Bump when a change alters what the same command trains (caches of trained models key on it).
 TRAINER_VERSION = 1
 
+#: The held-out evaluation at the end of training (:func:`evaluate_heldout`): perplexity windows of
+#: ``EVAL_WINDOW`` tokens (as ``ppl --window``), ``EVAL_PROMPTS`` line prefixes per language with
+#: ``EVAL_SAMPLES`` sampled continuations of ``EVAL_NEW_TOKENS`` tokens each.
+EVAL_WINDOW, EVAL_PROMPTS, EVAL_SAMPLES, EVAL_NEW_TOKENS = 64, 16, 2, 24
+
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 
 
@@ -89,18 +94,20 @@ def _split_docs(sources: list[LanguageSource], holdout: float) -> tuple[dict, di
     return train, held
 
 
-def train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool = True) -> dict:
-    """Train tokenizer and model; write the HF directory to ``out``; return the training record.
+def train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool = True,
+               evaluate: bool = True) -> dict:
+    """Train tokenizer and model; write the HF directory to ``out``; return the training record
+    (with ``evaluate``, its ``heldout`` entry is :func:`evaluate_heldout`'s result).
 
     ``cfg.threads`` sets torch's thread count for the run only; the previous count is restored."""
     before = torch.get_num_threads()
     try:
-        return _train_tiny(sources, out, cfg, progress)
+        return _train_tiny(sources, out, cfg, progress, evaluate)
     finally:
         torch.set_num_threads(before)
 
 
-def _train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool) -> dict:
+def _train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progress: bool, evaluate: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .runtime import quiet_transformers
@@ -185,5 +192,110 @@ def _train_tiny(sources: list[LanguageSource], out: Path, cfg: TinyConfig, progr
     for code, docs in held_docs.items():
         if docs:
             (held_dir / f"{code}.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
-    atomic_write_text(out / "langneurons_train.json", json.dumps(record, indent=1))
+    if evaluate:
+        record["heldout"] = evaluate_heldout(model, tok, held_dir, sorted(c for c, d in held_docs.items() if d),
+                                             seed=cfg.seed)
+    atomic_write_text(out / "langneurons_train.json", json.dumps(record, indent=1, ensure_ascii=False))
     return record
+
+
+def heldout_lines(heldout: dict) -> list[str]:
+    """Plain-text lines of :func:`evaluate_heldout`'s result (printed by ``tiny-train`` and the demo)."""
+    def ci(v, nd=2):
+        return f"[{v[0]:.{nd}f}, {v[1]:.{nd}f}]" if v else ""
+    out = []
+    ppl, share = heldout.get("ppl") or {}, heldout.get("lid_share") or {}
+    if ppl:
+        out.append("held-out perplexity (95% CI over windows): " + ", ".join(
+            f"{c} {v:.1f} {ci(heldout['ppl_ci95'][c], 1)}" for c, v in ppl.items()))
+    if share:
+        out.append("language-ID share of continuations of held-out prefixes (95% CI): " + ", ".join(
+            f"{c} {v:.2f} {ci(heldout['lid_share_ci95'][c])}" for c, v in share.items())
+                   + (f"; mean {heldout['lid_share_mean']:.2f} {ci(heldout.get('lid_share_mean_ci95'))}"
+                      if heldout.get("lid_share_mean") is not None else ""))
+    elif heldout.get("lid_skipped"):
+        out.append(f"language-ID share not measured: {heldout['lid_skipped']}")
+    return out
+
+
+def _prefix(line: str) -> str:
+    """The first third of a line's characters (at least 4, whole words where there are spaces)."""
+    k = max(4, len(line) // 3)
+    cut = line.rfind(" ", 0, k + 1)
+    return line[:cut] if cut >= 4 else line[:k]
+
+
+def evaluate_heldout(model, tokenizer, held_dir: Path, codes: list[str], seed: int = 0,
+                     window: int = EVAL_WINDOW, prompts_per_language: int = EVAL_PROMPTS,
+                     samples: int = EVAL_SAMPLES) -> dict:
+    """Has the model learnt its languages? Two numbers per language, each with a 95% bootstrap interval.
+
+    - ``ppl``: perplexity on the held-out lines, packed into windows of ``window`` tokens
+      exactly as ``langneurons ppl`` packs them (so it equals that command's baseline row);
+      ``exp(sum NLL / sum tokens)``, interval over windows.
+    - ``lid_share``: the share of sampled continuations (temperature 1, ``samples`` per
+      prefix, ``EVAL_NEW_TOKENS`` tokens) of the first ``prompts_per_language`` held-out line prefixes (first third of the line) that
+      the offline language identifier (:mod:`langneurons.langid`, restricted to the trained languages)
+      assigns to the prefix's language; interval over continuations. Skipped, with the reason
+      recorded, when the identifier is not installed.
+
+    Both go through the one runtime (:class:`langneurons.runtime.Session`)."""
+    from .corpus import LanguageSource
+    from .ppl import heldout_windows
+    from .runtime import Session
+    from .uncertainty import bootstrap, mean_ci
+
+    was_training = model.training
+    model.eval()
+    session = Session(model, tokenizer, batch_size=16)
+    out: dict = {"window": window, "ppl": {}, "ppl_ci95": {}, "windows": {},
+                 "lid_share": {}, "lid_share_ci95": {}, "generations": {}, "examples": {}}
+    t0 = time.time()
+    for code in codes:
+        path = held_dir / f"{code}.txt"
+        windows = heldout_windows(LanguageSource(code, str(path), [str(path)]), tokenizer, window, None)
+        if len(windows) == 0:
+            continue
+        W = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+        nll = []
+        for s in range(0, len(W), session.batch_size):
+            with torch.no_grad():
+                seq_nll, seq_n = session.token_nll(W[s: s + session.batch_size])
+            nll += (seq_nll / seq_n.double()).tolist()
+        b = bootstrap(np.asarray(nll), seed=seed)   # every window predicts the same number of tokens
+        out["ppl"][code] = round(math.exp(b["value"]), 4)
+        out["ppl_ci95"][code] = [round(math.exp(v), 4) for v in b["ci95"]]
+        out["windows"][code] = len(nll)
+    try:
+        from .langid import LanguageIdentifier
+        idf = LanguageIdentifier(codes) if prompts_per_language > 0 else None
+    except UserError as e:
+        idf, out["lid_skipped"] = None, str(e)
+    if idf is not None:
+        prompts, owner = [], []
+        for code in codes:
+            lines = [ln for ln in (held_dir / f"{code}.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+            for line in lines[: prompts_per_language]:
+                prompts += [_prefix(line)] * samples
+                owner += [code] * samples
+        texts = session.generate(prompts, EVAL_NEW_TOKENS, sample=True, seed=seed)
+        hits = {c: [] for c in codes}
+        for code, prompt, text in zip(owner, prompts, texts):
+            hits[code].append(float(idf.classify(text)[0] == code))
+            if len(out["examples"].setdefault(code, [])) < 2 and prompt not in [e["prompt"] for e in out["examples"][code]]:
+                out["examples"][code].append({"prompt": prompt, "continuation": text})
+        for code in codes:
+            if hits[code]:
+                r = mean_ci(hits[code], seed=seed)
+                out["lid_share"][code] = round(r["value"], 4)
+                out["lid_share_ci95"][code] = [round(v, 4) for v in r["ci95"]]
+                out["generations"][code] = len(hits[code])
+        allhits = [h for c in codes for h in hits[c]]
+        if allhits:
+            r = mean_ci(allhits, seed=seed)
+            out["lid_share_mean"] = round(r["value"], 4)
+            out["lid_share_mean_ci95"] = [round(v, 4) for v in r["ci95"]]
+    out["seconds"] = round(time.time() - t0, 1)
+    if was_training:
+        model.train()
+    return out

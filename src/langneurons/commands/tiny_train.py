@@ -13,7 +13,11 @@ def register(sub) -> None:
     d = TinyConfig()
     p = sub.add_parser("tiny-train", help=HELP, description=HELP + ". Writes a HuggingFace model directory "
                        "that AutoModelForCausalLM and AutoTokenizer load offline; the last 5%% of each language's "
-                       "lines are held out and written to OUT/heldout/CODE.txt.")
+                       "lines are held out and written to OUT/heldout/CODE.txt. Training ends with a held-out "
+                       "evaluation, printed and kept in OUT/langneurons_train.json: perplexity per language on "
+                       "the held-out lines (windows of 64 tokens, as ppl --window 64) and the share of sampled "
+                       "continuations of held-out line prefixes that the offline language identifier assigns "
+                       "to the prefix's language, each with a 95%% bootstrap interval.")
     p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
                    help="a language and its text (as in collect; repeat per language)")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
@@ -47,5 +51,8 @@ def run(args) -> int:
     import sys
     print(f"tiny-train: loss {rec['loss_first']:.3f} -> {rec['loss_last_50']:.3f} in {rec['train_seconds']} s",
           file=sys.stderr)
+    from ..tiny import heldout_lines
+    for line in heldout_lines(rec.get("heldout") or {}):
+        print(f"tiny-train: {line}", file=sys.stderr)
     print(str(args.out))
     return 0
