@@ -8,6 +8,8 @@ import json
 import re
 import shutil
 
+import pytest
+
 from langneurons.cli import main
 
 
@@ -40,6 +42,20 @@ def test_demo_end_to_end_and_resume(demo_model, tmp_path, capsys):
     assert set(steer["settings"]["operators"]) == {"zero", "set:batch-p10", "set:p_max"}
     ppl = json.loads((out / "ppl" / "ppl.json").read_text(encoding="utf-8"))
     assert len(ppl["columns"]) == 10
+    assert ppl["random_control"]["seeds"] == [0, 1, 2] and ppl["headline"]["own_above_random"]["of"] == 10
+    # the demo ends with the report's results paragraph, intervals included
+    assert "[demo] Deactivating a language's neurons" in err and "(95% CI" in err
+    assert "[demo] Steering toward each target language" in err and "unsteered" in err
+
+    # tiny-train's held-out perplexity is the ppl command's baseline row on the same windows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from langneurons.tiny import evaluate_heldout
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    h = evaluate_heldout(model, tok, out / "model" / "heldout", ppl["columns"], prompts_per_language=2, samples=1)
+    for c, v in zip(ppl["columns"], ppl["ppl"][ppl["rows"].index("baseline")]):
+        assert h["ppl"][c] == pytest.approx(v, rel=1e-3), c
+        assert h["windows"][c] == ppl["windows"][c]
 
     # rerun: everything is skipped, the report is rebuilt only when removed
     (out / "report.html").unlink()
@@ -47,3 +63,29 @@ def test_demo_end_to_end_and_resume(demo_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("already done") == 11 and "[demo] report: langneurons report" in err
     assert (out / "report.html").is_file()
+
+
+def test_tiny_train_reports_heldout_quality(tmp_path, capsys):
+    """tiny-train ends with a held-out evaluation (perplexity per language, language-ID share of
+    continuations of held-out prefixes), each number inside its 95% interval, printed and recorded."""
+    from langneurons.demo import corpus_dir
+    langs = ["en", "ru", "zh"]
+    out = tmp_path / "m"
+    argv = ["tiny-train", *[a for c in langs for a in ("--lang", f"{c}={corpus_dir() / (c + '.txt')}")],
+            "--out", str(out), "--steps", "3", "--vocab-size", "400", "--hidden-size", "32",
+            "--intermediate-size", "64", "--layers", "1", "--context", "32", "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "held-out perplexity (95% CI over windows): en " in err
+    assert "language-ID share of continuations of held-out prefixes (95% CI): en " in err
+    h = json.loads((out / "langneurons_train.json").read_text(encoding="utf-8"))["heldout"]
+    assert sorted(h["ppl"]) == langs == sorted(h["lid_share"])
+    for c in langs:
+        lo, hi = h["ppl_ci95"][c]
+        assert lo <= h["ppl"][c] <= hi and h["windows"][c] >= 1
+        lo, hi = h["lid_share_ci95"][c]
+        assert 0.0 <= lo <= h["lid_share"][c] <= hi <= 1.0
+        assert h["generations"][c] == 2 * min(16, len((out / "heldout" / f"{c}.txt").read_text().splitlines()))
+        assert h["examples"][c] and all(e["prompt"] for e in h["examples"][c])
+    lo, hi = h["lid_share_mean_ci95"]
+    assert lo <= h["lid_share_mean"] <= hi

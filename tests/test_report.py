@@ -94,15 +94,64 @@ def test_report_is_self_contained_and_complete(run_dir):
     for v in ("57.50", "42.50", "61.25", "55.00"):
         assert f"<td>{v}</td>" in page
     assert "zh (n=40)" in page and ">self<" in page
-    # the findings in words, first
-    found = page[page.index("What was found"):page.index("Activation statistics")]
+    # the results paragraph first, then what the run holds
+    results = page[page.index("<h2>Results</h2>"):page.index("What the run holds")]
+    assert "Language Steering Shift on cloze items" in results and "set:p_max 0.88" in results
+    assert "Deactivating" not in results       # this ppl.json predates the dominance record: no claim made
+    found = page[page.index("What the run holds"):page.index("Activation statistics")]
     assert "2 languages (13632 tokens) at site act of 4 x 384 neurons" in found
     assert "lape selected 7-8 neurons per language for 2 languages" in found
-    assert "steering toward each target language" in found and "set:p_max LSS 0.88" in found
-    assert "perplexity" not in found           # this ppl.json predates the dominance record: no claim made
     # unreadable files are listed, model directories skipped
     assert "broken.json" in page
     assert "secret_marker_value" not in page and "extra_model_file" not in page and "vocab_size" not in page
+
+
+def test_results_paragraph_states_findings_with_intervals(run_dir):
+    """The headline numbers of a demo-like run (model quality, deactivation vs random, steering vs
+    unsteered) appear in the results paragraph with their 95% intervals and comparisons; the model's
+    recipe is a table, not raw JSON."""
+    from langneurons.report import run_results
+    (run_dir / "model" / "langneurons_train.json").write_text(json.dumps({
+        "format": "langneurons.tiny.v1", "languages": {"en": "en.txt", "zh": "zh.txt"},
+        "config": {"steps": 400, "vocab_size": 4096, "hidden_size": 128, "lr": 0.003, "extra": {}},
+        "train_seconds": 191.2, "loss_first": 8.4, "loss_last_50": 3.9,
+        "heldout": {"window": 64, "ppl": {"en": 41.5, "zh": 63.4}, "ppl_ci95": {"en": [38.0, 45.5], "zh": [57.0, 70.0]},
+                    "windows": {"en": 20, "zh": 18}, "lid_share": {"en": 0.9, "zh": 0.8},
+                    "lid_share_ci95": {"en": [0.8, 1.0], "zh": [0.65, 0.9]}, "generations": {"en": 32, "zh": 32},
+                    "lid_share_mean": 0.85, "lid_share_mean_ci95": [0.77, 0.92],
+                    "examples": {"en": [{"prompt": "The coffee", "continuation": " was cold."}]}}}))
+    ppl = json.loads((run_dir / "ppl.json").read_text())
+    ppl.update({"diagonal_dominance": {"row_count": 2, "column_count": 2, "languages": 2, "row_count_ci95": [1, 2]},
+                "vs_random": {"en": {"delta_nll": 0.5, "random_delta_nll": 0.01, "separated": True},
+                              "zh": {"delta_nll": 0.7, "random_delta_nll": 0.03, "separated": True}},
+                "headline": {"row_dominance": {"count": 2, "of": 2, "ci95": [1, 2]},
+                             "own_above_random": {"count": 2, "separated": 2, "of": 2}},
+                "settings": {**ppl["settings"], "neuron_method": "lape"}})
+    (run_dir / "ppl.json").write_text(json.dumps(ppl))
+    steer = json.loads((run_dir / "steer.json").read_text())
+    steer["operators"]["set:p_max"].update({
+        "lss_mean_ci95": [0.8, 0.94],
+        "generation": {"share": {"en": 0.5, "zh": 0.3}, "share_mean": 0.4, "share_mean_ci95": [0.31, 0.49],
+                       "baseline_share_mean": 0.1, "baseline_share_mean_ci95": [0.08, 0.12], "ratio": 4.0,
+                       "separated": True, "n": 32,
+                       "pairs": {"zh": [{"prompt": "-", "unsteered": "The cat", "steered": "我们在山上",
+                                         "unsteered_label": "en", "steered_label": "zh"}]}}})
+    (run_dir / "steer.json").write_text(json.dumps(steer))
+    sentences = run_results(run_dir)
+    text = " ".join(sentences)
+    assert "0.85 [0.77, 0.92]" in text and "from 41.5 (en) to 63.4 (zh)" in text
+    assert "for 2 of 2 languages (95% CI 1-2)" in text
+    assert "random neuron sets of the same size per layer for 2 of 2, with non-overlapping 95% intervals for 2" in text
+    assert "set:p_max 0.40 [0.31, 0.49] (4.0x, separated)" in text and "against 0.10 [0.08, 0.12] unsteered" in text
+    assert "set:p_max 0.88 [0.80, 0.94]" in text
+    assert str(run_dir) not in text
+    page = render_report(run_dir).read_text(encoding="utf-8")
+    results = page[page.index("<h2>Results</h2>"):page.index("What the run holds")]
+    assert "0.40 [0.31, 0.49]" in results and "95% bootstrap intervals" in results
+    # the model's recipe as a table, held-out quality with intervals, steered vs unsteered side by side
+    assert '<th class="l">vocab_size</th><td>4096</td>' in page and "{&quot;" not in page
+    assert "41.5 [38.0, 45.5]" in page and "0.90 [0.80, 1.00]" in page and "was cold." in page
+    assert "我们在山上" in page and "The cat" in page
 
 
 def test_report_command_and_errors(run_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ ppl, collect --unit sentence, steer, report; each is the command of that name, a
 OUT is reused when the demo is run again.
 
 examples:
-  langneurons demo                                   # embedded corpus, 2-3 minutes on 2 cores
+  langneurons demo                                   # embedded corpus, about 4 minutes on 2 cores (3 of them training)
   langneurons demo --out runs/mine --lang en=en.txt --lang fr=fr.txt --lang zh=zh.txt --steps 1500 \\
       --top-rate 0.05 --muse data/muse              # your text; adds cloze steering scores (LSS)
 """
@@ -20,6 +20,7 @@ examples:
 
 def register(sub) -> None:
     import argparse
+    from ..demo import DEMO_TOP_RATE
     p = sub.add_parser("demo", help=HELP, description=HELP + " (a few minutes on a 2-core CPU; "
                        "rerunning resumes: finished steps are skipped).", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens per language for statistics [16384]")
     p.add_argument("--lang", action="append", default=None, metavar="CODE=SOURCE",
                    help="a language and its text instead of the embedded corpus (repeatable, at least 2)")
-    p.add_argument("--top-rate", type=float, default=0.05, help="LAPE and top-prob rate [0.05]")
+    p.add_argument("--top-rate", type=float, default=DEMO_TOP_RATE,
+                   help=f"LAPE and top-prob rate [{DEMO_TOP_RATE}: the tiny model has only 4 x 384 neurons]")
     p.add_argument("--muse", type=Path, default=None, metavar="DIR",
                    help="MUSE dictionaries (en-xx.txt): add cloze steering scores (LSS)")
     p.add_argument("--samples", type=int, default=4, help="sampled generations per neutral prompt [4]")

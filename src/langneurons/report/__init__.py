@@ -25,9 +25,9 @@ from typing import Optional
 from .. import artifacts
 from ..atomic import atomic_write_text
 from ..errors import UserError
-from .helpers import _CSS, _RUN_PREFIXES, Context, Item, _dict, _e, _fmt, _is_num, _mean, img_png
+from .helpers import _CSS, _RUN_PREFIXES, Context, Item, _ci, _dict, _e, _fmt, _is_num, _mean, img_png
 
-__all__ = ["render_report", "build_html"]
+__all__ = ["render_report", "build_html", "results_sentences", "run_results"]
 
 #: JSON files of model, tokenizer or adapter directories, never rendered.
 _SKIP_NAMES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -60,7 +60,7 @@ def _walk(run_dir: Path) -> tuple[list[Path], list[Path]]:
 
 
 def summary_lines(groups: dict, run_dir: Path) -> list[str]:
-    """Plain-language findings of a run: what the tables below show, in one sentence each."""
+    """What the run holds (statistics, neuron sets), in one sentence each."""
     out = []
     for it in groups.get("stats", []):
         d = it.doc
@@ -77,36 +77,82 @@ def summary_lines(groups: dict, run_dir: Path) -> list[str]:
             span = f"{lo}" if lo == hi else f"{lo}-{hi}"
             out.append(f"{it.rel}: {_dict(it.doc.get('method')).get('name', '?')} selected {span} "
                        f"neurons per language for {len(counts)} languages.")
+    return out
+
+
+def _count_ci(ci) -> str:
+    return f" (95% CI {_fmt(ci[0], 0)}-{_fmt(ci[1], 0)})" if isinstance(ci, list) and len(ci) == 2 else ""
+
+
+def results_sentences(groups: dict) -> list[str]:
+    """The results paragraph: each headline finding with its 95% interval and the comparison it
+    rests on (tiny-model quality, the deactivation matrix against random controls, steering against
+    the unsteered model, fine-tuning and bridge verdicts)."""
+    out = []
+    for it in groups.get("tiny", []):
+        d = it.doc
+        h = _dict(d.get("heldout"))
+        share, ppl = h.get("lid_share_mean"), _dict(h.get("ppl"))
+        cfg = _dict(d.get("config"))
+        text = (f"The model of {it.rel} ({len(_dict(d.get('languages')))} languages, {cfg.get('steps', '?')} steps "
+                f"in {_fmt(d.get('train_seconds'), 0)} s)")
+        if _is_num(share):
+            text += (f" continues held-out line prefixes in the prefix's language {_ci(share, h.get('lid_share_mean_ci95'), 2)}"
+                     " of the time (language identifier, sampled continuations)")
+        if ppl:
+            lo, hi = min(ppl, key=ppl.get), max(ppl, key=ppl.get)
+            text += (("; its" if _is_num(share) else ": its") + f" held-out perplexity runs from {ppl[lo]:.1f} ({lo}) "
+                     f"to {ppl[hi]:.1f} ({hi})")
+        if _is_num(share) or ppl:
+            out.append(text + ".")
     for it in groups.get("ppl", []):
         d = it.doc
         dom = _dict(d.get("diagonal_dominance"))
+        if not dom:
+            continue
+        st = _dict(d.get("settings"))
+        head = _dict(d.get("headline"))
+        rd = _dict(head.get("row_dominance"))
+        text = (f"Deactivating a language's neurons ({st.get('neuron_method') or 'neuron set'}, operator "
+                f"{st.get('operator', '?')}; {it.rel}) raised that language's own NLL more than any other "
+                f"language's for {dom.get('row_count', '?')} of {dom.get('languages', '?')} languages"
+                + _count_ci(rd.get("ci95") or dom.get("row_count_ci95")))
         vs = _dict(d.get("vs_random"))
         own = _mean(_dict(v).get("delta_nll") for v in vs.values())
         rnd = _mean(_dict(v).get("random_delta_nll") for v in vs.values())
-        if not dom:
-            continue
-        text = (f"{it.rel}: deactivating a language's neurons raised that language's perplexity "
-                f"more than any other language's for {dom.get('row_count', '?')} of {dom.get('languages', '?')} "
-                "languages")
+        above = _dict(head.get("own_above_random"))
+        if above:
+            text += (f"; the own-language damage exceeded that of random neuron sets of the same size per layer "
+                     f"for {above.get('count')} of {above.get('of')}, with non-overlapping 95% intervals for "
+                     f"{above.get('separated')}")
         if own is not None and rnd is not None:
-            text += (f"; its own mean NLL rose by {own:.3f} nats/token on average, against {rnd:.3f} for random "
-                     "sets of the same size per layer")
+            text += f" (mean own ΔNLL {own:.3f} nats/token against {rnd:.3f} for the random sets)"
         out.append(text + ".")
     for it in groups.get("steer", []):
         d = it.doc
-        parts = []
-        for op, r in _dict(d.get("operators")).items():
-            r = _dict(r)
-            share, lss = _dict(r.get("generation")).get("share_mean"), r.get("lss_mean")
-            if _is_num(share):
-                parts.append(f"{op} {share:.3f}" + (f" (LSS {lss:.2f})" if _is_num(lss) else ""))
-            elif _is_num(lss):
-                parts.append(f"{op} LSS {lss:.2f}")
-        base_mean = _mean(_dict(_dict(d.get("generation_baseline")).get("share")).values())
-        if parts:
-            out.append(f"{it.rel}: steering toward each target language, mean target share of "
-                       "generations (and Language Steering Shift on cloze items, when measured): "
-                       + ", ".join(parts) + (f"; unsteered {base_mean:.3f}" if base_mean is not None else "") + ".")
+        ops = _dict(d.get("operators"))
+        gen = []
+        base = None
+        for op, r in ops.items():
+            g = _dict(_dict(r).get("generation"))
+            if _is_num(g.get("share_mean")):
+                ratio = g.get("ratio")
+                gen.append(f"{op} {_ci(g['share_mean'], g.get('share_mean_ci95'), 2)}"
+                           + (f" ({ratio:.1f}x, {'separated' if g.get('separated') else 'intervals overlap'})"
+                              if _is_num(ratio) else ""))
+                if base is None and _is_num(g.get("baseline_share_mean")):
+                    base = _ci(g["baseline_share_mean"], g.get("baseline_share_mean_ci95"), 2)
+        if gen:
+            n = next((_dict(_dict(r).get("generation")).get("n") for r in ops.values()), None)
+            out.append(f"Steering toward each target language ({it.rel}), the mean share of sampled generations "
+                       f"identified as the target was " + ", ".join(gen)
+                       + (f", against {base} unsteered" if base else "")
+                       + (f" ({n} generations per target)" if n else "") + ".")
+        lss = [f"{op} {_ci(_dict(r).get('lss_mean'), _dict(r).get('lss_mean_ci95'), 2)}"
+               for op, r in ops.items() if _is_num(_dict(r).get("lss_mean"))]
+        if lss:
+            out.append("Language Steering Shift on cloze items (share of items whose preference moved toward "
+                       "the target; 0.5 would be chance-level movement): " + ", ".join(lss) + ".")
     for it in groups.get("finetune.experiment", []):
         for kind, v in _dict(it.doc.get("verdict")).items():
             out.append(f"{it.rel}: with {kind}-language masks, language-neuron LoRA "
@@ -136,8 +182,8 @@ def build_html(run_dir: Path, title: Optional[str] = None) -> str:
         _RUN_PREFIXES.reset(token)
 
 
-def _build(run_dir: Path, title: Optional[str]) -> str:
-    jsons, pngs = _walk(run_dir)
+def _read(run_dir: Path, jsons: list[Path]) -> tuple[dict, dict, list, list]:
+    """Every JSON file sorted by kind: ``(groups, malformed, problems, others)``."""
     groups: dict[str, list[Item]] = {k: [] for k in artifacts.kinds()}
     malformed: dict[str, list[str]] = {k: [] for k in artifacts.kinds()}
     problems, others = [], []
@@ -159,14 +205,25 @@ def _build(run_dir: Path, title: Optional[str]) -> str:
             groups[kind].append(Item(p, rel, artifacts.validate(d, kind, rel)))
         except UserError as e:
             malformed[kind].append(str(e))
+    return groups, malformed, problems, others
+
+
+def _build(run_dir: Path, title: Optional[str]) -> str:
+    jsons, pngs = _walk(run_dir)
+    groups, malformed, problems, others = _read(run_dir, jsons)
 
     ctx = Context(run_dir, pngs)
     name = title or "langneurons report: " + run_dir.resolve().name
     body = [f"<h1>{_e(name)}</h1>", f'<p class="meta">run directory <code>{_e(run_dir.resolve().name)}</code>; '
             "paths below are relative to it</p>"]
+    results = results_sentences(groups)
+    if results:
+        body.append("<h2>Results</h2>")
+        body.append('<p class="results">' + " ".join(_e(f) for f in results)
+                    + ' <span class="meta">Bracketed ranges are 95% bootstrap intervals.</span></p>')
     findings = summary_lines(groups, run_dir)
     if findings:
-        body.append("<h2>What was found</h2>")
+        body.append("<h2>What the run holds</h2>")
         body.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in findings) + "</ul>")
     shown = False
     for kind in artifacts.kinds():
@@ -198,6 +255,18 @@ def _build(run_dir: Path, title: Optional[str]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(name)}</title>\n<style>{_CSS}</style>\n</head>\n"
             "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def run_results(run_dir) -> list[str]:
+    """The results paragraph of ``run_dir`` as sentences (the demo prints them)."""
+    run_dir = Path(run_dir)
+    token = _RUN_PREFIXES.set(_prefix_patterns(run_dir))
+    try:
+        groups, _, _, _ = _read(run_dir, _walk(run_dir)[0])
+        from .helpers import _relative
+        return [_relative(s) for s in results_sentences(groups)]
+    finally:
+        _RUN_PREFIXES.reset(token)
 
 
 def render_report(run_dir, out=None, title: Optional[str] = None) -> Path:

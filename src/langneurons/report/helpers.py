@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextvars
 import html
-import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -120,8 +119,31 @@ def _plot_to_html(draw, caption: str) -> str:
         return f'<p class="meta">(no plot: {_e(e)})</p>'
 
 
+def _plain(v, limit: int = 300) -> str:
+    """A readable one-line rendering of a parameter value: ``k = v; ...`` for mappings, comma-joined
+    lists, numbers as :func:`_fmt` gives them (never raw JSON)."""
+    if isinstance(v, dict):
+        text = "; ".join(f"{k} = {_plain(x, limit)}" for k, x in v.items())
+    elif isinstance(v, (list, tuple)):
+        text = ", ".join(_plain(x, limit) for x in v)
+    elif isinstance(v, float):
+        text = _fmt(v, ".4g")
+    else:
+        text = _fmt(v)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _ci(v, ci, digits=3) -> str:
+    """``value [lo, hi]`` (the 95% interval beside the number), or the value alone without one."""
+    if not _is_num(v):
+        return ""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(x) for x in ci):
+        return f"{_fmt(float(v), digits)} [{_fmt(float(ci[0]), digits)}, {_fmt(float(ci[1]), digits)}]"
+    return _fmt(float(v), digits)
+
+
 def _kv(items: Iterable[tuple[str, Any]]) -> str:
-    rows = [(k, v if not isinstance(v, (dict, list)) else json.dumps(v, ensure_ascii=False)[:300])
+    rows = [(k, v if not isinstance(v, (dict, list)) else _plain(v))
             for k, v in items if v is not None]
     if not rows:
         return ""

@@ -3,11 +3,10 @@ downstream tasks, tiny models, and the generic fallback."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ..helpers import (Context, _dict, _e, _each, _fmt, _h, _heatmap_html, _is_matrix, _is_num, _kv,
-                       _plot_to_html, matrix_table, table)
+from ..helpers import (Context, _ci, _dict, _e, _each, _fmt, _h, _heatmap_html, _is_matrix, _is_num, _kv,
+                       _plain, _plot_to_html, matrix_table, table)
 
 
 def section_generic(items: list, ctx: Context) -> str:
@@ -49,7 +48,7 @@ def section_neurons(items: list, ctx: Context) -> str:
             return out[0] + f'<p class="err">cannot read this neuron set: {_e(e)}</p>'
         params = ns.method.get("params") or {}
         out.append(f'<p class="meta">method <code>{_e(ns.method.get("name"))}</code>'
-                   + (f" ({_e(json.dumps(params, ensure_ascii=False)[:300])})" if params else "")
+                   + (f" ({_e(_plain(params))})" if params else "")
                    + f"; model <code>{_e(ns.model.get('name_or_path'))}</code> {ns.num_layers} layers x "
                    f"{ns.width}, site {_e(ns.site)}; {ns.unique_total()} distinct neurons</p>")
         counts = ns.counts()
@@ -86,6 +85,11 @@ def _row_col_labels(d: dict) -> tuple[Any, Any]:
     return rows, cols
 
 
+def rows_ok(ci, rows) -> bool:
+    """Whether an interval matrix ``[row][col] -> [lo, hi]`` has one row per label."""
+    return isinstance(rows, list) and len(ci) == len(rows) and all(isinstance(r, list) for r in ci)
+
+
 def section_ppl(items: list, ctx: Context) -> str:
     titles = {"ppl": "perplexity exp(mean NLL)", "delta_ppl": "change in perplexity vs baseline",
               "delta": "change vs baseline", "mean_nll": "mean NLL", "delta_nll": "change in mean NLL"}
@@ -108,7 +112,25 @@ def section_ppl(items: list, ctx: Context) -> str:
                 shown = True
         dom = d.get("diagonal_dominance")
         if isinstance(dom, dict):
-            out.append(_kv([(k, v) for k, v in dom.items() if not isinstance(v, (list, dict))]))
+            out.append(_kv([(k, v) for k, v in dom.items() if not isinstance(v, (list, dict))]
+                           + [(k, _plain(v)) for k, v in dom.items() if k.endswith("_ci95")]))
+        vs = _dict(d.get("vs_random"))
+        if vs:
+            vs_rows = [[_ci(_dict(v).get("delta_nll"), _dict(v).get("delta_nll_ci95")),
+                        _ci(_dict(v).get("random_delta_nll"), _dict(v).get("random_delta_nll_ci95")),
+                        _ci(_dict(v).get("difference"), _dict(v).get("difference_ci95")),
+                        _dict(v).get("separated")] for v in vs.values()]
+            seeds = next((_dict(v).get("seeds") for v in vs.values()), None)
+            out.append("<h4>own-language damage against random neuron sets of the same size per layer "
+                       "(ΔNLL, nats/token; 95% intervals over held-out windows"
+                       + (f", {seeds} random seeds" if seeds else "") + ")</h4>")
+            out.append(table(vs_rows, ["own neurons", "random neurons", "difference", "separated"], list(vs),
+                             "language"))
+        ci = d.get("delta_nll_ci95")
+        if isinstance(ci, list) and rows_ok(ci, rows):
+            cells = [[_ci(v, c) for v, c in zip(vr, cr)] for vr, cr in zip(d["delta_nll"], ci)]
+            out.append("<h4>change in mean NLL with 95% intervals (paired bootstrap over held-out windows)</h4>")
+            out.append(table(cells, cols, rows, "rows \\ columns"))
         figs = ctx.figures(it, lambda p: p.name.startswith("ppl"))
         out += figs
         if not figs and shown:
@@ -128,7 +150,7 @@ def section_steer(items: list, ctx: Context) -> str:
         ops = _dict(d.get("operators"))
         if _is_matrix(d.get("lss")):  # a flat record with one matrix
             out.append(matrix_table(d["lss"], langs, langs, "source \\ target"))
-        by_target_rows, by_target_names, gen_rows, gen_names = [], [], [], []
+        by_target_rows, by_target_names, gen_rows, gen_names, pairs = [], [], [], [], []
         for op, r in ops.items():
             if not isinstance(r, dict):
                 continue
@@ -139,22 +161,40 @@ def section_steer(items: list, ctx: Context) -> str:
                 out.append(matrix_table(r["lss"], langs, langs, "source \\ target"))
             bt = r.get("lss_by_target")
             if isinstance(bt, dict) and langs:
-                by_target_rows.append([bt.get(t) for t in langs])
+                bci = _dict(r.get("lss_by_target_ci95"))
+                by_target_rows.append([_ci(bt.get(t), bci.get(t), 2) if bci else bt.get(t) for t in langs]
+                                      + [_ci(r.get("lss_mean"), r.get("lss_mean_ci95"), 2)])
                 by_target_names.append(op)
             g = r.get("generation")
             if isinstance(g, dict) and isinstance(g.get("share"), dict) and langs:
-                gen_rows.append([g["share"].get(t) for t in langs])
+                cis = _dict(g.get("share_ci95"))
+                gen_rows.append([_ci(g["share"].get(t), cis.get(t), 2) if cis else g["share"].get(t) for t in langs]
+                                + [_ci(g.get("share_mean"), g.get("share_mean_ci95"), 2)])
                 gen_names.append(op)
+                for t, ps in _dict(g.get("pairs")).items():
+                    for pr in (ps or [])[:2]:
+                        pr = _dict(pr)
+                        pairs.append([t, op, pr.get("prompt"), pr.get("unsteered"), pr.get("unsteered_label"),
+                                      pr.get("steered"), pr.get("steered_label")])
         if by_target_rows:
-            out.append("<h4>mean LSS per target language</h4>")
-            out.append(table(by_target_rows, langs, by_target_names, "operator"))
+            out.append("<h4>mean LSS per target language (95% intervals over cloze items)</h4>")
+            out.append(table(by_target_rows, langs + ["mean"], by_target_names, "operator"))
         if gen_rows:
             base = d.get("generation_baseline")
             if isinstance(base, dict) and isinstance(base.get("share"), dict):
-                gen_rows.insert(0, [base["share"].get(t) for t in langs])
-                gen_names.insert(0, "baseline")
-            out.append("<h4>share of generations in the target language</h4>")
-            out.append(table(gen_rows, langs, gen_names, "operator"))
+                bci = _dict(base.get("share_ci95"))
+                g0 = next((_dict(_dict(r).get("generation")) for r in ops.values()), {})
+                gen_rows.insert(0, [_ci(base["share"].get(t), bci.get(t), 2) if bci else base["share"].get(t)
+                                    for t in langs]
+                                + [_ci(g0.get("baseline_share_mean"), g0.get("baseline_share_mean_ci95"), 2)])
+                gen_names.insert(0, "unsteered")
+            out.append("<h4>share of generations identified as the target language (95% intervals over "
+                       "generations, paired with the unsteered runs)</h4>")
+            out.append(table(gen_rows, langs + ["mean"], gen_names, "operator"))
+        if pairs:
+            out.append("<h4>steered vs unsteered generations (same prompt and sampling seed)</h4>")
+            out.append(table([p[1:] for p in pairs], ["operator", "prompt", "unsteered", "id", "steered", "id"],
+                             [p[0] for p in pairs], "target"))
         best = d.get("best")
         if isinstance(best, dict) and best:
             rows = [[_dict(b).get("operator"), _dict(b).get("value")] for b in best.values()]
@@ -197,11 +237,44 @@ def section_task(items: list, ctx: Context) -> str:
 
 
 def section_tiny(items: list, ctx: Context) -> str:
+    """A tiny-train model: its recipe as a table, and whether it learnt its languages (held-out
+    perplexity and the language-ID share of continuations, with intervals, and a few continuations)."""
     def one(it, ctx):
         d = it.doc
-        cfg = d["config"]
-        return _h(it) + _kv([("languages", ", ".join(d["languages"])), ("steps", cfg.get("steps")),
-                             ("layers", cfg.get("num_layers", cfg.get("layers"))), ("seed", cfg.get("seed")),
-                             ("train seconds", d.get("train_seconds")), ("loss first", d.get("loss_first")),
-                             ("loss last 50", d.get("loss_last_50"))])
+        cfg = _dict(d.get("config"))
+        out = [_h(it, "tiny-train model")]
+        out.append(_kv([("languages", ", ".join(d["languages"])), ("steps", cfg.get("steps")),
+                        ("train seconds", d.get("train_seconds")), ("loss first", d.get("loss_first")),
+                        ("loss last 50", d.get("loss_last_50"))]))
+        recipe = [(k, cfg.get(k)) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                             "num_heads", "num_kv_heads", "context", "batch_per_language", "lr",
+                                             "warmup", "weight_decay", "holdout", "seed") if k in cfg]
+        if recipe:
+            out.append("<h4>recipe</h4>" + table([[v] for _, v in recipe], ["value"], [k for k, _ in recipe],
+                                                 "setting", digits=".4g"))
+        h = _dict(d.get("heldout"))
+        ppl, share = _dict(h.get("ppl")), _dict(h.get("lid_share"))
+        langs = list(dict.fromkeys([*ppl, *share]))
+        if langs:
+            rows = [[_ci(ppl.get(c), _dict(h.get("ppl_ci95")).get(c), 1), _dict(h.get("windows")).get(c),
+                     _ci(share.get(c), _dict(h.get("lid_share_ci95")).get(c), 2),
+                     _dict(h.get("generations")).get(c)] for c in langs]
+            out.append(f"<h4>held-out evaluation (windows of {_e(h.get('window'))} tokens; 95% bootstrap "
+                       "intervals)</h4>")
+            out.append(table(rows, ["perplexity", "windows", "language-ID share of continuations", "continuations"],
+                             langs, "language"))
+            if _is_num(h.get("lid_share_mean")):
+                out.append(f'<p class="meta">mean language-ID share {_e(_ci(h["lid_share_mean"], h.get("lid_share_mean_ci95"), 2))}'
+                           " (continuations of held-out line prefixes sampled at temperature 1, identified "
+                           "among the trained languages)</p>")
+            elif h.get("lid_skipped"):
+                out.append(f'<p class="meta">language-ID share not measured: {_e(h["lid_skipped"])}</p>')
+            ex = _dict(h.get("examples"))
+            ex_rows = [[c, _dict(e).get("prompt"), _dict(e).get("continuation")]
+                       for c in langs for e in (ex.get(c) or [])[:1]]
+            if ex_rows:
+                out.append("<h4>continuations of held-out prefixes (unsteered)</h4>")
+                out.append(table([r[1:] for r in ex_rows], ["prefix", "continuation"], [r[0] for r in ex_rows],
+                                 "language"))
+        return "\n".join(out)
     return _each(items, ctx, one)
