@@ -6,19 +6,27 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup setup-demo demo test test-slow bench clean
+
+# The demo needs only the core and the `demo` extra; the tests need the `test` extra (a superset).
+$(VENV)/.installed-demo: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU torch first when none is present, so no dependency pulls a CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[demo]"
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# CPU torch first when none is present, so no dependency pulls a CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e ".[test]"
-	touch $@
+	touch $@ $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed
 
-demo: setup
+setup-demo: $(VENV)/.installed-demo
+
+demo: setup-demo
 	$(VENV)/bin/langneurons demo --out $(DEMO_OUT)
 
 test: setup
