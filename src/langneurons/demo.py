@@ -28,7 +28,7 @@ from typing import Optional
 
 from .errors import UserError
 
-#: LAPE and top-prob rate. The tiny model has 4 x 384 = 1536 neurons for 10 languages: the 1% of
+#: LAPE rate (top-prob: the same budget divided among the languages). The tiny model has 4 x 384 = 1536 neurons for 10 languages: the 1% of
 #: [T24] would be 15 neurons in all. Measured on the 400-step demo model (ppl with 3 random seeds,
 #: steer with 32 generations per target): at 0.05 (about 8 neurons per language) deactivation
 #: raised the own language's NLL most for 4/10 languages and set:p_max moved the target share from
@@ -101,7 +101,9 @@ def run_demo(out: Path, steps: int = 400, max_tokens: int = 16384, quiet: bool =
     _step("identify act-prob (own)", ["identify", "act-prob-percentile", *common, "--threshold", "own",
                                       "--rate", "0.005", "--out", str(neurons / "act_prob_own.json")],
           neurons / "act_prob_own.json", log)
-    _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", str(top_rate),
+    # top-prob's rate is per language: the LAPE budget shared among the languages, so both sets are
+    # about the same size
+    _step("identify top-prob", ["identify", "top-prob", *common, "--top-rate", f"{top_rate / len(langs):.6g}",
                                 "--out", str(neurons / "top_prob.json")], neurons / "top_prob.json", log)
     _step("identify random", ["identify", "random", "--of", str(neurons / "lape.json"),
                               "--seed", "0", "--out", str(neurons / "random_lape.json")],

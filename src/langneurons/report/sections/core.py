@@ -150,7 +150,7 @@ def section_steer(items: list, ctx: Context) -> str:
         ops = _dict(d.get("operators"))
         if _is_matrix(d.get("lss")):  # a flat record with one matrix
             out.append(matrix_table(d["lss"], langs, langs, "source \\ target"))
-        by_target_rows, by_target_names, gen_rows, gen_names, pairs = [], [], [], [], []
+        by_target_rows, by_target_names, gen_rows, gen_names, pairs = [], [], [], [], {}
         for op, r in ops.items():
             if not isinstance(r, dict):
                 continue
@@ -172,10 +172,7 @@ def section_steer(items: list, ctx: Context) -> str:
                                 + [_ci(g.get("share_mean"), g.get("share_mean_ci95"), 2)])
                 gen_names.append(op)
                 for t, ps in _dict(g.get("pairs")).items():
-                    for pr in (ps or [])[:2]:
-                        pr = _dict(pr)
-                        pairs.append([t, op, pr.get("prompt"), pr.get("unsteered"), pr.get("unsteered_label"),
-                                      pr.get("steered"), pr.get("steered_label")])
+                    pairs.setdefault(t, {})[op] = [_dict(pr) for pr in (ps or [])]
         if by_target_rows:
             out.append("<h4>mean LSS per target language (95% intervals over cloze items)</h4>")
             out.append(table(by_target_rows, langs + ["mean"], by_target_names, "operator"))
@@ -192,9 +189,23 @@ def section_steer(items: list, ctx: Context) -> str:
                        "generations, paired with the unsteered runs)</h4>")
             out.append(table(gen_rows, langs + ["mean"], gen_names, "operator"))
         if pairs:
-            out.append("<h4>steered vs unsteered generations (same prompt and sampling seed)</h4>")
-            out.append(table([p[1:] for p in pairs], ["operator", "prompt", "unsteered", "id", "steered", "id"],
-                             [p[0] for p in pairs], "target"))
+            # per target, the operator that steered generations most (best_generation), its first two
+            # pairs with a non-empty continuation on either side
+            best_gen = _dict(d.get("best_generation"))
+            rows, labels = [], []
+            for t, by_op in pairs.items():
+                op = _dict(best_gen.get(t)).get("operator") or next(iter(by_op))
+                shown = [pr for pr in by_op.get(op, []) if (pr.get("unsteered") or "").strip()
+                         or (pr.get("steered") or "").strip()][:2]
+                for pr in shown:
+                    labels.append(t)
+                    rows.append([op, repr(pr.get("prompt", "")), pr.get("unsteered") or "(empty)",
+                                 pr.get("unsteered_label"), pr.get("steered") or "(empty)", pr.get("steered_label")])
+            if rows:
+                out.append("<h4>steered vs unsteered generations (same prompt and sampling seed; per target, the "
+                           "operator with the highest target share)</h4>")
+                out.append(table(rows, ["operator", "prompt", "unsteered", "identified", "steered", "identified"],
+                                 labels, "target"))
         best = d.get("best")
         if isinstance(best, dict) and best:
             rows = [[_dict(b).get("operator"), _dict(b).get("value")] for b in best.values()]
