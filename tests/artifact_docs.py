@@ -43,6 +43,12 @@ def hand_made(run_dir: Path) -> dict[str, dict]:
                   "languages": {"en": {"n_tokens": 7104, "n_windows": 111, "source": str(run_dir / "en.txt")},
                                 "zh": {"n_tokens": 6528, "n_windows": 102, "source": "zh.txt"}}},
         "collect.checkpoint": {"format": A.COLLECT_CHECKPOINT_FORMAT, "key": "0123abcd", "next_batch": 3},
+        "directions": {"format": A.DIRECTIONS_FORMAT, "site": "residual", "num_layers": 4, "hidden_size": 16,
+                       "model": {"name_or_path": "tiny-demo", "model_type": "llama", "fingerprint": "f" * 16,
+                                 "num_layers": 4, "hidden_size": 16},
+                       "window": 64, "languages": ["en", "zh"], "token_counts": {"en": 640, "zh": 576},
+                       "sources": {"en": "en.txt", "zh": "zh.txt"}},
+        "directions.checkpoint": {"format": A.DIRECTIONS_CHECKPOINT_FORMAT, "key": "4567cdef", "next_batch": 2},
         "ppl": {"format": A.PPL_FORMAT, "rows": ["baseline", "en", "zh"], "columns": ["en", "zh"],
                 "languages": {"rows": ["en", "zh"], "columns": ["en", "zh"]},
                 "ppl": [[12.3456, 20.5], [30.25, 21.0], [13.0, 45.75]],
@@ -117,6 +123,8 @@ def write_run_dir(run_dir: Path) -> dict[str, Path]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     where = {"stats": "stats/stats.json", "collect.checkpoint": "unfinished/en.rank0.json",
+             "directions": "directions/directions.json",
+             "directions.checkpoint": "unfinished/directions.en.rank0.json",
              "ppl": "ppl/ppl.json", "ppl.partial": "unfinished/ppl.json", "steer": "steer/steer.json",
              "task": "eval/xcopa.json", "task.partial": "unfinished/xcopa.json", "tiny": "model/langneurons_train.json",
              "masked_lora": "ft/langneurons_mask.json", "finetune.run": "ft/langneurons_finetune.json",

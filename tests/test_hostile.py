@@ -157,6 +157,13 @@ def _cases():
                                                  str(w["d"] / "mrc.jsonl"), "--lang", "en", "--out", o], "mrc.jsonl"),
         ("bridge-spectrum-missing-stats", lambda w, o: ["bridge", "spectrum", "--stats", str(w["d"] / "nostats"),
                                                         "--out", o], "nostats"),
+        # directions
+        ("directions-missing-corpus", lambda w, o: ["directions", "collect", "--model", w["model"], *M, "--lang",
+                                                    f"en={w['d'] / 'nope.txt'}", "--out", o], "nope.txt"),
+        ("directions-window-1", lambda w, o: ["directions", "collect", "--model", w["model"], *M, "--lang",
+                                              f"en={w['d'] / 'text.txt'}", "--window", "1", "--out", o], "--window"),
+        ("directions-show-missing", lambda w, o: ["directions", "show", str(w["d"] / "nodirs")], "nodirs"),
+        ("directions-show-stats-dir", lambda w, o: ["directions", "show", w["stats"]], "directions.json"),
         # report, demo, tiny-train
         ("report-missing-dir", lambda w, o: ["report", str(w["d"] / "norun")], "norun"),
         ("report-of-a-file", lambda w, o: ["report", str(w["d"] / "text.txt")], "text.txt"),

@@ -292,6 +292,16 @@ class Adapter:
     def gated(self) -> bool:
         return self.spec.gated
 
+    @property
+    def hidden_size(self) -> int:
+        """Width ``H`` of the residual stream: the outputs of the down projection."""
+        h = out_features(self.layers[0].down)
+        if h is None:
+            h = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if not isinstance(h, int):
+            raise UserError(f"cannot tell the hidden size of model type {self.model_type!r}; check --arch down=...")
+        return int(h)
+
     def site_module(self, layer: int, site: str) -> tuple[nn.Module, str]:
         """The module to hook for ``site`` and how: ``("act", "input"|"output")`` or down's input."""
         check_site(site)

@@ -13,6 +13,8 @@ kind                     file                                 written by
 =======================  ===================================  ==========================================
 stats                    ``stats.json`` (+ ``CODE.safetensors``)  ``collect``
 collect.checkpoint       ``.partial/CODE.rankR.json``         ``collect`` (until a language is done)
+directions               ``directions.json`` (+ safetensors)  ``directions collect``
+directions.checkpoint    ``.partial/directions.CODE.rankR.json``  ``directions collect`` (until a language is done)
 neuronset                ``*.json`` neuron sets               ``identify``, ``neurons``, ``bridge select``
 intervention             ``Intervention.to_dict()``           library (embedded in results)
 ppl                      ``ppl.json``                         ``ppl``
@@ -61,6 +63,8 @@ PREFIX = "langneurons."
 # ------------------------------------------------------------------------------------------------ tags
 STATS_FORMAT = "langneurons.stats.v1"
 COLLECT_CHECKPOINT_FORMAT = "langneurons.collect.checkpoint.v1"
+DIRECTIONS_FORMAT = "langneurons.directions.v1"
+DIRECTIONS_CHECKPOINT_FORMAT = "langneurons.directions.checkpoint.v1"
 NEURONSET_FORMAT = "langneurons.neuronset.v1"
 INTERVENTION_FORMAT = "langneurons.intervention.v1"
 PPL_FORMAT = "langneurons.ppl.v1"
@@ -113,6 +117,10 @@ _D, _L, _S = dict, list, str
 _KINDS = [
     Kind(STATS_FORMAT, "stats.json", "collect", "Activation statistics", "core.section_stats",
          {"model": _D, "languages": _D}, "langneurons.ActivationStats.load(directory)"),
+    Kind(DIRECTIONS_FORMAT, "directions.json (+ directions.safetensors)", "directions collect",
+         "Residual-stream language directions", "core.section_generic",
+         {"model": _D, "languages": _L, "num_layers": int, "hidden_size": int, "token_counts": _D},
+         "langneurons.directions.Directions.load(directory)", loader="langneurons.directions:validate_doc"),
     Kind(NEURONSET_FORMAT, "*.json (neuron set)", "identify, neurons import, bridge select", "Neuron sets",
          "core.section_neurons", {"model": _D, "method": _D, "neurons": _D}, "langneurons.NeuronSet.load(path)",
          loader="langneurons.neuronset:NeuronSet.from_dict"),
@@ -159,6 +167,8 @@ _KINDS = [
          {"languages": _D, "config": _D}),
     Kind(COLLECT_CHECKPOINT_FORMAT, ".partial/CODE.rankR.json", "collect (until a language is done)",
          "Unfinished statistics", "core.section_generic", {"key": _S, "next_batch": int}),
+    Kind(DIRECTIONS_CHECKPOINT_FORMAT, ".partial/directions.CODE.rankR.json", "directions collect (until a language "
+         "is done)", "Unfinished direction collections", "core.section_generic", {"key": _S, "next_batch": int}),
     Kind(PPL_PARTIAL_FORMAT, ".partial/ppl.json", "ppl (until every column is done)", "Unfinished perplexity runs",
          "core.section_generic", {"key": _S, "columns": _D}),
     Kind(TASK_PARTIAL_FORMAT, ".partial/TASK.json", "eval (until every row is done)", "Unfinished task runs",

@@ -7,6 +7,11 @@ interventions) return a replacement tensor. Both reach a site through :class:`~l
 - ``act``: the output of the activation module;
 - ``product``: the input of the down projection (gated MLPs; equal to ``act`` otherwise).
 
+Residual-stream hooks (:func:`observe_residual`, :func:`write_residual`) sit on the decoder layers
+themselves and see the hidden states each layer outputs, ``[B, T, H]`` (the first element when a
+layer returns a tuple): what ``output_hidden_states=True`` returns at index ``layer + 1``, except
+that HF applies the final norm to its last entry.
+
 Shape contract: every hook function sees ``[B, T, I]``. Architectures that run their MLP on
 flattened tokens (OPT hands its MLP ``[B*T, I]``) are viewed back as ``[B, T, I]`` with the batch
 shape of the current layer call (recorded by pre-hooks on the decoder layers), and a tensor a
@@ -153,3 +158,60 @@ def check_fired(calls: list[int], layers: list[int], expected: int = 1) -> None:
         raise UserError(f"the activation hook of layer(s) {bad[:5]} ran {calls[bad[0]]} time(s) per forward "
                         f"pass instead of {expected}; the model bypasses its activation module (a fused kernel?). "
                         "Load it without custom kernels, or give module paths with --arch")
+
+
+# ------------------------------------------------------------------------------------------ residual stream
+#: ``fn(layer, hidden)`` with hidden ``[B, T, H]``: ``None`` (observe) or the new hidden states.
+ResidualFn = Callable[[int, torch.Tensor], Optional[torch.Tensor]]
+
+
+@contextlib.contextmanager
+def _residual_hooked(adapter: Adapter, layers: list[int], fn: ResidualFn):
+    """Forward hooks on the decoder layers ``layers``: ``fn(layer, h)`` sees the residual stream the
+    layer outputs, ``h [B, T, H]`` (element 0 when the layer returns a tuple). A tensor ``fn``
+    returns replaces it (the rest of a tuple is kept). Yields per-layer call counts; always removes."""
+    calls = [0] * adapter.num_layers
+    handles = []
+    cs = _call_shape(adapter)
+    cs.acquire()
+
+    def make(l: int):
+        def hook(mod, args, output):
+            calls[l] += 1
+            packed = isinstance(output, (tuple, list))
+            h = output[0] if packed else output
+            if not isinstance(h, torch.Tensor):
+                raise UserError(f"decoder layer {l} of model type {adapter.model_type!r} returned "
+                                f"{type(h).__name__}, not its hidden states; check --arch layers=...")
+            new = fn(l, _as_btI(h, cs))
+            if new is None:
+                return None
+            if new.shape != h.shape:
+                new = new.reshape(h.shape)
+            return (new, *output[1:]) if packed else new
+        return hook
+
+    try:
+        for l in layers:
+            handles.append(adapter.layers[l].layer.register_forward_hook(make(l)))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+        cs.release()
+
+
+def observe_residual(adapter: Adapter, fn: Callable[[int, torch.Tensor], None], layers: Optional[list[int]] = None):
+    """Call ``fn(layer, hidden)`` with the residual stream each decoder layer outputs, ``[B, T, H]``
+    (detached); outputs are untouched. A context manager yielding per-layer call counts."""
+    layers = list(range(adapter.num_layers)) if layers is None else layers
+
+    def watch(l: int, h: torch.Tensor) -> None:
+        fn(l, h.detach())
+        return None
+    return _residual_hooked(adapter, layers, watch)
+
+
+def write_residual(adapter: Adapter, fn: Writer, layers: list[int]):
+    """Replace the residual stream output of decoder ``layers`` by ``fn(layer, hidden)`` (a context manager)."""
+    return _residual_hooked(adapter, layers, fn)

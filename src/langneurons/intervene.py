@@ -63,6 +63,13 @@ entered) and apply ``index_copy_`` on the last dimension under the position mask
 neurons and untouched layers stay bit-identical. Writes are in place when the activation does
 not require grad, else out of place.
 
+Residual-stream directions. :class:`~langneurons.directions.DirectionIntervention` (a language's
+DiffMean vector added to the residual stream output of chosen decoder layers, see
+:mod:`langneurons.directions`) goes through the same controller: ``intervene`` takes a list mixing
+both kinds, applied in list order at their own sites; its positions are this controller's position
+masks (so a KV cache and a full recomputation write the same positions, and pad positions are never
+written); its writer hook on the decoder layer returns ``h + delta_l`` (out of place) under the mask.
+
 >>> iv = Intervention(neurons=ns, languages=["zh"], operator="set:p_max", stats=stats)  # doctest: +SKIP
 >>> with intervene(model, iv):                                                         # doctest: +SKIP
 ...     out = model.generate(ids, attention_mask=mask, max_new_tokens=20)
@@ -83,8 +90,9 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .arch import Adapter, check_site
+from .directions import DirectionIntervention
 from .errors import UserError
-from .hooks import write
+from .hooks import write, write_residual
 from .neuronset import NeuronSet
 
 from .artifacts import INTERVENTION_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
@@ -420,6 +428,9 @@ class Intervention:
         if not isinstance(d, dict) or d.get("format") != INTERVENTION_FORMAT:
             raise UserError(f"not an intervention record (format {INTERVENTION_FORMAT}); "
                             "make one with Intervention.to_dict()")
+        if d.get("unit") == "direction":
+            raise UserError("this intervention record adds a residual-stream direction; rebuild it with "
+                            "langneurons.directions.DirectionIntervention.from_dict(record)")
         nrec = d.get("neurons") or {}
         if neurons is None:
             if not nrec.get("path"):
@@ -514,7 +525,7 @@ class Controller:
     of writer calls. ``batch_values``: the last batch statistic per ``(intervention index, layer)``.
     """
 
-    def __init__(self, model, adapter: Adapter, interventions: list[Intervention]):
+    def __init__(self, model, adapter: Adapter, interventions: list):
         self.model = model
         self.adapter = adapter
         self.interventions = interventions
@@ -695,6 +706,22 @@ class Controller:
 
         return fn
 
+    def make_direction_writer(self, iv: DirectionIntervention, plan: dict[int, torch.Tensor]):
+        """``h <- h + delta_l`` at the positions of ``iv`` (a new tensor; unselected positions keep ``h``)."""
+        def fn(layer: int, h: torch.Tensor):
+            d = plan[layer]
+            if d.device != h.device or d.dtype != h.dtype:
+                plan[layer] = d = d.to(device=h.device, dtype=h.dtype)
+            pos = self.positions_mask(iv.positions)
+            if pos is _EMPTY:
+                return None
+            new = h + d
+            if pos is not None:
+                new = torch.where(pos.reshape(*h.shape[:-1], 1), new, h)
+            return new
+
+        return fn
+
     # ---- installation --------------------------------------------------------------------------
     def install(self, stack: contextlib.ExitStack) -> None:
         model = self.model
@@ -709,6 +736,12 @@ class Controller:
             stack.callback(h2.remove)
         self._patch_generate(stack)
         for k, iv in enumerate(self.interventions):
+            if isinstance(iv, DirectionIntervention):
+                dplan = iv.plan(self.adapter)
+                calls = stack.enter_context(write_residual(self.adapter, self.make_direction_writer(iv, dplan),
+                                                           sorted(dplan)))
+                self.calls.append(calls)
+                continue
             if iv.op.needs_stats and iv.stats is None:
                 raise UserError(f"operator {iv.operator!r} needs statistics")
             plan = iv.plan(self.adapter)
@@ -748,16 +781,20 @@ class Controller:
 
 
 @contextlib.contextmanager
-def intervene(model, interventions: Union[Intervention, Sequence[Intervention]],
+def intervene(model, interventions: Union[Intervention, DirectionIntervention,
+                                          Sequence[Union[Intervention, DirectionIntervention]]],
               adapter: Optional[Adapter] = None) -> Iterator[Controller]:
-    """Apply one intervention or a list of them (in list order) to every forward pass of ``model``.
+    """Apply one intervention or a list of them (in list order) to every forward pass of ``model``:
+    neuron interventions (:class:`Intervention`) and residual-stream directions
+    (:class:`~langneurons.directions.DirectionIntervention`), mixed freely.
 
     Hooks are removed and ``model.generate`` restored on exit, also on exceptions.
     """
-    ivs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    single = isinstance(interventions, (Intervention, DirectionIntervention))
+    ivs = [interventions] if single else list(interventions)
     for iv in ivs:
-        if not isinstance(iv, Intervention):
-            raise TypeError(f"intervene() takes Intervention objects, got {type(iv).__name__}")
+        if not isinstance(iv, (Intervention, DirectionIntervention)):
+            raise TypeError(f"intervene() takes Intervention or DirectionIntervention objects, got {type(iv).__name__}")
     adapter = adapter if adapter is not None else Adapter(model)
     ctl = Controller(model, adapter, ivs)
     with contextlib.ExitStack() as stack:
@@ -792,6 +829,9 @@ class RowController:
         for r, iv in enumerate(rows):
             if iv is None:
                 continue
+            if isinstance(iv, DirectionIntervention):
+                raise UserError("stacked rows take neuron interventions only; apply a direction intervention "
+                                "with intervene() / Session.intervened()")
             if iv.op.is_batch:
                 raise UserError(f"operator {iv.operator!r} uses batch statistics, which depend on the other rows of "
                                 "a stacked pass; use a statistic or constant operator here")
