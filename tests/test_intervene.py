@@ -500,3 +500,188 @@ def test_bad_input_errors():
             pass
     with pytest.raises(UserError, match="statistics .* are for a"):
         Intervention(ns, ["aa"], "set:mean", stats=make_stats(L, I + 1))
+
+
+# ------------------------------------------------------------------------------------------ language arithmetic
+@pytest.mark.parametrize("spec,expect", [
+    ("arith:add", ("add", 1.0, "add:mean*-1.0", "add:mean*1.0")),
+    ("arith:add*0.5", ("add", 0.5, "add:mean*-0.5", "add:mean*0.5")),
+    ("arith:mul", ("mul", 1.0, "scale:0.0", "scale:2.0")),
+    ("arith:mul*0.25", ("mul", 0.25, "scale:0.75", "scale:1.25")),
+    ("arith:mul*3", ("mul", 3.0, "scale:0.0", "scale:4.0")),          # the source factor clips at 0
+    (" arith: add * 2 ", ("add", 2.0, "add:mean*-2.0", "add:mean*2.0")),
+])
+def test_parse_arith(spec, expect):
+    from langneurons.intervene import is_arith, parse_arith
+    op = parse_arith(spec)
+    assert is_arith(spec) and (op.kind, op.strength, op.source_operator, op.target_operator) == expect
+    assert parse_operator(op.source_operator).mode == parse_operator(op.target_operator).mode  # ordinary ones
+
+
+@pytest.mark.parametrize("spec,match", [("arith:foo", "unknown language-arithmetic kind 'foo'"),
+                                        ("arith:add*x", "'x' is not a number"), ("arith:", "names no kind"),
+                                        ("arith:mul*-1", ">= 0"), ("arith:add*nan", "not a number"),
+                                        ("arith", "names no kind")])
+def test_parse_arith_errors(spec, match):
+    from langneurons.intervene import parse_arith
+    with pytest.raises(UserError, match=match):
+        parse_arith(spec)
+    with pytest.raises(UserError, match="language arithmetic"):      # not a single-set operator
+        parse_operator(spec)
+
+
+def _arith_ns(L, I):
+    """Three languages; (0, 0..2) in aa and bb, (0, 3..5) in aa and cc, (0, 6..7) in all three."""
+    g = torch.Generator().manual_seed(1)
+    masks = {c: torch.rand(L, I, generator=g) < 0.2 for c in ("aa", "bb", "cc")}
+    masks["aa"][0, :8] = True
+    masks["bb"][0, :3] = True
+    masks["bb"][0, 3:6] = False
+    masks["cc"][0, 3:8] = True
+    masks["cc"][0, :3] = False
+    masks["bb"][0, 6:8] = True
+    for m in masks.values():
+        m[L - 1] = False
+    return NeuronSet.from_masks(masks, {"num_layers": L, "width": I, "site": "act", "name_or_path": "tiny"},
+                                {"name": "test"})
+
+
+@pytest.mark.parametrize("spec", ["arith:add", "arith:add*0.5", "arith:mul", "arith:mul*0.5", "arith:mul*2"])
+@pytest.mark.parametrize("sources", [["aa"], ["aa", "cc"]])
+def test_arithmetic_equals_hand_computation(spec, sources):
+    """Source neurons (without the target's) are deactivated, target neurons activated, both from the
+    unmodified activation; every other neuron, layer and pad position stays bit-identical; the
+    logits equal a dense hand-written hook."""
+    from langneurons.intervene import ArithmeticIntervention, parse_arith
+    m = tiny_model("llama", dtype=torch.float64, seed=0)
+    a = Adapter(m)
+    L, I = a.num_layers, a.width
+    ns = _arith_ns(L, I)
+    stats = make_stats(L, I, langs=("aa", "bb", "cc"))
+    iv = ArithmeticIntervention(ns, "bb", sources, spec, stats=stats)
+    op = parse_arith(spec)
+    A = op.strength
+    ids, mask = batch(pad_side="right", lengths=[7, 4, 6])
+    real = mask.bool()
+    before, after = Capture(), Capture()
+    with observe(a, "act", before):
+        with intervene(m, iv) as ctl:
+            with observe(a, "act", after):
+                logits = forward(m, ids, mask)
+    assert len(ctl.calls) == 2 and ctl.calls[0][0] == 1 and ctl.calls[1][L - 1] == 0
+    tgt = ns.mask("bb")
+    owners = [ns.mask(c) for c in sources]
+    src = torch.stack(owners).any(0) & ~tgt
+    mu = {c: stats.get(c).mean() for c in ("aa", "bb", "cc")}
+    # a source neuron of several source languages subtracts the mean of their means
+    cnt = torch.stack(owners).double().sum(0)
+    mu_src = sum(torch.where(ns.mask(c), mu[c], 0.0) for c in sources) / cnt.clamp_min(1)
+
+    def hand(l, pre):
+        """The arithmetic written out, on the selected columns (float64 as the model)."""
+        new = pre.clone()
+        s, t = src[l], tgt[l]
+        if op.kind == "add":
+            new[..., s] = pre[..., s] + (mu_src[l][s] * -A)
+            new[..., t] = pre[..., t] + (mu["bb"][l][t] * A)
+        else:
+            new[..., s] = pre[..., s] * max(0.0, 1.0 - A)
+            new[..., t] = pre[..., t] * (1.0 + A)
+        return new
+
+    for l in range(L):
+        pre, post = before[l], after[l]
+        assert torch.equal(post[~real], pre[~real])                             # pads untouched
+        assert torch.equal(post[real], hand(l, pre)[real])
+        untouched = ~(src[l] | tgt[l])
+        assert torch.equal(post[..., untouched], pre[..., untouched])
+    if sources == ["aa", "cc"]:
+        assert bool(src[0, 3:6].all()) and not bool(src[0, :3].any()) and not bool(src[0, 6:8].any())
+
+    def dense(l, t):
+        r = real.unsqueeze(-1)
+        return torch.where(r, hand(l, t), t)
+    with write(a, "act", dense, list(range(L))):
+        ref = forward(m, ids, mask)
+    assert torch.equal(logits, ref)
+    assert not torch.equal(logits, forward(m, ids, mask))
+
+
+def test_arithmetic_overlap_gets_the_target_value_and_the_target_writes_last():
+    """A neuron of both the source and the target gets the target's value computed from its
+    unmodified activation (not source-then-target); the parts are source first, target last, and
+    touch disjoint neurons; intervene() composes them with other interventions in list order."""
+    from langneurons.intervene import ArithmeticIntervention
+    m = tiny_model("llama", dtype=torch.float64, seed=0)
+    a = Adapter(m)
+    L, I = a.num_layers, a.width
+    ns = _arith_ns(L, I)
+    stats = make_stats(L, I, langs=("aa", "bb", "cc"))
+    iv = ArithmeticIntervention(ns, "bb", ["aa"], "arith:add*2", stats=stats)
+    src_part, tgt_part = iv.parts
+    assert src_part.languages == ["aa"] and src_part.exclude == ["bb"] and tgt_part.languages == ["bb"]
+    assert src_part.operator == "add:mean*-2.0" and tgt_part.operator == "add:mean*2.0"
+    assert not bool((src_part.selection() & tgt_part.selection()).any())
+    both = ns.mask("aa")[0] & ns.mask("bb")[0]
+    assert bool(both[:3].all())
+    ids, _ = batch()
+    before, after = Capture(), Capture()
+    with observe(a, "act", before):
+        with intervene(m, iv):
+            with observe(a, "act", after):
+                forward(m, ids)
+    mb, ma = stats.get("bb").mean()[0], stats.get("aa").mean()[0]
+    pre, post = before[0], after[0]
+    assert torch.equal(post[..., both], pre[..., both] + mb[both] * 2.0)
+    assert not torch.allclose(post[..., both], pre[..., both] - ma[both] * 2.0 + mb[both] * 2.0)
+    # the source language alone would have written these neurons too
+    with observe(a, "act", before):
+        with intervene(m, Intervention(ns, ["aa"], "add:mean*-2.0", stats=stats)):
+            with observe(a, "act", after):
+                forward(m, ids)
+    assert torch.equal(after[0][..., both], before[0][..., both] - ma[both] * 2.0)
+    # composed in list order with other interventions: a later scale multiplies the target value
+    with observe(a, "act", before):
+        with intervene(m, [iv, Intervention(ns, ["bb"], "scale:3")]) as ctl:
+            with observe(a, "act", after):
+                forward(m, ids)
+    assert len(ctl.calls) == 3
+    tb = ns.mask("bb")[0]
+    assert torch.equal(after[0][..., tb], (before[0][..., tb] + mb[tb] * 2.0) * 3)
+    assert iv.describe() == "arith:add*2[aa->bb]@act/all" and src_part.describe() == "add:mean*-2.0[aa-bb]@act/all"
+    # the source part records its exclusion and rebuilds to the same intervention
+    d = json.loads(json.dumps(src_part.to_dict()))
+    assert d["exclude"] == ["bb"] and Intervention.from_dict(d, neurons=ns, stats=stats).to_dict() == d
+    assert "exclude" not in tgt_part.to_dict()
+    # for_source narrows the sources; mul needs no statistics, add does
+    assert iv.for_source("cc").sources == ["cc"] and iv.for_source("cc").parts[0].exclude == ["bb"]
+    assert ArithmeticIntervention(ns, "bb", ["aa", "cc"], "arith:mul").parts[0].operator == "scale:0.0"
+    with pytest.raises(UserError, match="needs activation statistics"):
+        ArithmeticIntervention(ns, "bb", ["aa"], "arith:add")
+    with pytest.raises(UserError, match="also a source"):
+        ArithmeticIntervention(ns, "bb", ["aa", "bb"], "arith:mul")
+    with pytest.raises(UserError, match="unknown language 'xx'"):
+        ArithmeticIntervention(ns, "xx", ["aa"], "arith:mul")
+    with pytest.raises(UserError, match="stacked rows"):
+        from langneurons.intervene import intervene_rows
+        with intervene_rows(m, [iv]):
+            pass
+
+
+def test_arithmetic_generation_with_cache_equals_without():
+    from langneurons.intervene import ArithmeticIntervention
+    m = tiny_model("llama", dtype=torch.float64, seed=0)
+    a = Adapter(m)
+    ns = _arith_ns(a.num_layers, a.width)
+    stats = make_stats(a.num_layers, a.width, langs=("aa", "bb", "cc"))
+    ids, mask = batch(B=3, T=6, pad_side="left", lengths=[6, 2, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    base = m.generate(ids, use_cache=True, **kw)
+    changed = 0
+    for spec in ("arith:add*3", "arith:mul*4"):
+        with intervene(m, ArithmeticIntervention(ns, "bb", ["aa", "cc"], spec, stats=stats)):
+            g1 = m.generate(ids, use_cache=True, **kw)
+            g2 = m.generate(ids, use_cache=False, **kw)
+        assert torch.equal(g1, g2)
+        changed += not torch.equal(g1, base)
+    assert changed >= 1 and "generate" not in vars(m)

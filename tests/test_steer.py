@@ -483,3 +483,112 @@ def test_steering_generation_on_trained_model(steering_setup):
           "baseline", round(sum(ev["generation_baseline"]["share"].values()) / len(langs), 3))
     assert share["set:p_max"] > share["zero"] and share["set:p_max"] > share["set:batch-p10"]
     assert share["set:p_max*4"] > 2 * share["zero"]
+
+
+# ------------------------------------------------------------------------------------------ language arithmetic
+def _toy_ns(langs=("en", "fr", "zh")):
+    from langneurons.neuronset import NeuronSet
+    g = torch.Generator().manual_seed(0)
+    masks = {c: torch.rand(2, 16, generator=g) < 0.3 for c in langs}
+    return NeuronSet.from_masks(masks, {"num_layers": 2, "width": 16, "site": "act", "name_or_path": "toy"},
+                                {"name": "toy"})
+
+
+class _RecordingSession(_FakeSession):
+    """A fake session that records every intervention entered (nothing changes under them)."""
+
+    def __init__(self):
+        super().__init__(base_labels=["en"] * 64)
+        self.entered = []
+
+    def intervened(self, iv):
+        self.entered.append(iv)
+        return super().intervened(iv)
+
+    def generate(self, prompts, max_new_tokens, sample=False, seed=0):
+        return [f"{p}|{i}|en" for i, p in enumerate(prompts)]
+
+
+def test_arith_source_is_the_prompt_language_in_lss_and_every_other_language_in_generation():
+    from langneurons.intervene import ArithmeticIntervention
+    from langneurons.steer import build_interventions, generation_shares
+    langs = ["en", "fr", "zh"]
+    ivs, skipped = build_interventions(_toy_ns(), None, langs, ["arith:mul", "zero", "arith:mul*0.5"])
+    assert not skipped and list(ivs) == ["arith:mul", "zero", "arith:mul*0.5"]
+    assert isinstance(ivs["arith:mul"]["zh"], ArithmeticIntervention) and isinstance(ivs["zero"]["zh"], Intervention)
+    assert ivs["arith:mul"]["zh"].sources == ["en", "fr"] and ivs["arith:mul"]["en"].sources == ["fr", "zh"]
+    s = _RecordingSession()
+    res = lss(s, _toy_items(4, langs), langs, ivs["arith:mul"].get)
+    cells = [(iv.sources, iv.target) for iv in s.entered if iv is not None]
+    assert cells == [([src], t) for t in langs for src in langs if src != t]      # one pass per (s, t)
+    assert res["lss_mean"] == 0.0                                                 # nothing changed: ties fail
+    assert set(res["_ll0"]) == {(src, t) for t in langs for src in langs if src != t}
+    s = _RecordingSession()
+    generation_shares(s, langs, ivs["arith:mul"].get, prompts=("a", "b"), samples=2,
+                      identifier=_FakeIdentifier(langs))
+    assert [(iv.sources, iv.target) for iv in s.entered if iv is not None] == \
+        [(["fr", "zh"], "en"), (["en", "zh"], "fr"), (["en", "fr"], "zh")]
+
+
+def test_arith_in_a_sweep_leaves_other_operators_identical_and_scores_by_hand(demo64, demo_stats):
+    from langneurons.intervene import ArithmeticIntervention, intervene
+    from langneurons.stats import ActivationStats
+    from langneurons.steer import build_interventions, evaluate_steering
+    m, tok = demo64
+    stats = ActivationStats.load(demo_stats)
+    langs = ["en", "fr", "zh"]
+    ns = select("lape", stats, langs, top_rate=0.05)
+    items = [ClozeItem(str(i), {"en": f"one, two, {w}", "fr": f"un, deux, {v}", "zh": f"一、二、{z}"},
+                       {"en": "four", "fr": "quatre", "zh": "四"}, {})
+             for i, (w, v, z) in enumerate([("three", "trois", "三"), ("five", "cinq", "五")])]
+    session = Session(m, tok, batch_size=16)
+    alone, _ = build_interventions(ns, stats, langs, ["scale:5"])
+    ref = evaluate_steering(session, alone, langs, items=items)["operators"]["scale:5"]
+    ivs, _ = build_interventions(ns, stats, langs, ["arith:add", "scale:5", "arith:mul*0.5"])
+    ev = evaluate_steering(session, ivs, langs, items=items)
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert drop(ev["operators"]["scale:5"]) == drop(ref)                       # bit-identical
+    assert list(ev["operators"]) == ["arith:add", "scale:5", "arith:mul*0.5"] and set(ev["best"]) == set(langs)
+    # cell (en -> zh) of arith:add by hand: en's neurons down, zh's up, on the English prompts
+    q = [(it.prompts["en"], " " + it.objects["zh"]) for it in items] + \
+        [(it.prompts["en"], " " + it.objects["en"]) for it in items]
+    b = continuation_loglik(session, q)
+    with intervene(m, ArithmeticIntervention(ns, "zh", ["en"], "arith:add", stats=stats)):
+        a = continuation_loglik(session, q)
+    d0, d1 = b[:2] - b[2:], a[:2] - a[2:]
+    r = ev["operators"]["arith:add"]
+    assert r["lss"][0][2] == pytest.approx(float(((d1 - d0) > 0).double().mean()))
+    assert r["mean_shift"][0][2] == pytest.approx(float((d1 - d0).mean()), abs=1e-9)
+    assert r["mean_shift"][0][2] != 0.0
+
+
+def test_steer_print_mode_arith(demo_model, demo_stats, tmp_path, capsys):
+    ns = _lape_file(demo_stats, tmp_path)
+    rc = main(["steer", "--model", str(demo_model), "--neurons", str(ns), "--stats", str(demo_stats),
+               "--target", "zh", "--source", "en", "--operator", "arith:add*2", "--prompt", "The",
+               "--max-new-tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "=== target zh: arith:add*2[en->zh]@act/all ===" in out and out.count("steered:") == 1
+
+
+@pytest.mark.parametrize("case", ["kind", "strength", "no_stats", "source_other_op", "source_scoring",
+                                  "target_is_source"])
+def test_steer_arith_bad_input(case, demo_model, demo_stats, tmp_path, capsys):
+    ns = _lape_file(demo_stats, tmp_path)
+    base = ["steer", "--model", str(demo_model), "--neurons", str(ns), "--device", "cpu"]
+    stats = ["--stats", str(demo_stats)]
+    printing = ["--target", "zh", "--prompt", "x"]
+    args, fragment = {
+        "kind": (stats + printing + ["--operator", "arith:foo"], "unknown language-arithmetic kind 'foo'"),
+        "strength": (stats + printing + ["--operator", "arith:add*x"], "'x' is not a number"),
+        "no_stats": (printing + ["--operator", "arith:add"], "needs activation statistics"),
+        "source_other_op": (stats + printing + ["--operator", "zero", "--source", "en"], "drop --source"),
+        "source_scoring": (stats + ["--operator", "arith:mul", "--source", "en", "--generation",
+                                    "--out", str(tmp_path / "o")], "--source is for print mode"),
+        "target_is_source": (stats + printing + ["--operator", "arith:mul", "--source", "zh"], "also a source"),
+    }[case]
+    rc = main(base + args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("langneurons: error:"), err
+    assert fragment in err[0], err[0]
+    assert not (tmp_path / "o").exists()

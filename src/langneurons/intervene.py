@@ -63,6 +63,34 @@ entered) and apply ``index_copy_`` on the last dimension under the position mask
 neurons and untouched layers stay bit-identical. Writes are in place when the activation does
 not require grad, else out of place.
 
+Language arithmetic (Gurgurov et al. 2025, "Language Arithmetics"). One
+:class:`ArithmeticIntervention` steers from source language(s) ``s`` to a target ``t`` in the same
+forward pass: it **deactivates** the neurons of ``s`` and **activates** those of ``t``. With
+``N(x)`` the neurons of language ``x``, ``mu_x[l, j]`` its per-neuron mean activation (statistics of
+the written site) and strength ``A >= 0`` (default 1):
+
+==================  =========================================  =======================================
+spec                source neurons (``N(s)`` without ``N(t)``)  target neurons ``N(t)``
+==================  =========================================  =======================================
+``arith:add[*A]``   ``a <- a - A * mu_s`` (``add:mean*-A``)     ``a <- a + A * mu_t`` (``add:mean*A``)
+``arith:mul[*A]``   ``a <- max(0, 1 - A) * a``                  ``a <- (1 + A) * a``
+==================  =========================================  =======================================
+
+The additive variant removes the source's mean activation and adds the target's: ``A = 1`` moves a
+neuron's expected value from the source's toward the target's. The multiplicative variant damps
+the source neurons (``A = 1``: to 0, ``A >= 1`` clips at 0 rather than flipping the sign) and
+amplifies the target's by the same proportion. The published code of the paper deactivates by
+*setting* the source neurons to a constant and activates with ``a + A * mu_t``; ``arith:add``
+is the symmetric version of that arithmetic. Several source languages (``sources=[...]``) are
+deactivated together; a neuron of several of them subtracts the mean of those languages' means
+(the rule of ``add:STAT`` above). A neuron in both ``N(s)`` and ``N(t)`` **gets the target value
+only** (computed from its unmodified activation): the source part excludes the target's neurons,
+so the two writes touch disjoint neurons; the target part is also installed last. The two parts are
+ordinary :class:`Intervention` objects (``ArithmeticIntervention.parts``, source first) written at
+the same site and positions; ``intervene`` accepts an ``ArithmeticIntervention`` anywhere an
+intervention is accepted and installs its parts in that order. ``parse_arith`` parses the spec;
+``parse_operator`` refuses it (it is not a single-set operator).
+
 Residual-stream directions. :class:`~langneurons.directions.DirectionIntervention` (a language's
 DiffMean vector added to the residual stream output of chosen decoder layers, see
 :mod:`langneurons.directions`) goes through the same controller: ``intervene`` takes a list mixing
@@ -101,9 +129,13 @@ BATCH_SCOPES = ("batch", "sequence")
 STAT_NAMES = ("mean", "std", "min", "max", "p_max", "p_median")
 BATCH_NAMES = ("max", "min", "mean")
 
+ARITH_KINDS = ("add", "mul")
+ARITH_HELP = ("arith:add[*A] (source neurons a - A*mean_s, target neurons a + A*mean_t) or arith:mul[*A] "
+              "(source neurons max(0, 1-A)*a, target neurons (1+A)*a); A >= 0, default 1")
 OPERATOR_HELP = ("zero, set:STAT[*A], set:CONST, scale:A, add:STAT[*A], add:CONST, set:batch-NAME[*A] or "
                  "add:batch-NAME[*A] (STAT: mean, std, min, max, pXX such as p90, p_max, p_median; "
-                 "NAME: max, min, mean, pXX such as p10)")
+                 "NAME: max, min, mean, pXX such as p10); 'langneurons steer' also takes language "
+                 "arithmetic: " + ARITH_HELP)
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _PCT = re.compile(r"^p(\d+(?:\.\d+)?)$")
@@ -175,6 +207,11 @@ def parse_operator(spec: Union[str, Operator]) -> Operator:
     s = spec.strip()
     if s == "zero":
         return Operator(spec=s, mode="set", source="const", value=0.0)
+    if is_arith(s):
+        raise UserError(f"operator {s!r} is language arithmetic: it writes a source and a target language at once, "
+                        "which this command does not do; use it with 'langneurons steer' (or "
+                        "langneurons.intervene.ArithmeticIntervention), or give a single-set operator: "
+                        + OPERATOR_HELP.split("; 'langneurons steer'")[0])
     if ":" not in s:
         raise UserError(f"unknown operator {s!r}; use {OPERATOR_HELP}")
     mode, arg = (p.strip() for p in s.split(":", 1))
@@ -197,6 +234,66 @@ def parse_operator(spec: Union[str, Operator]) -> Operator:
         return Operator(spec=s, mode=mode, source="batch", stat=name, factor=factor)
     name = _check_stat_name(term, s, batch=False)
     return Operator(spec=s, mode=mode, source="stat", stat=name, factor=factor)
+
+
+def is_arith(spec) -> bool:
+    """Whether ``spec`` names a language-arithmetic operator (``arith`` or ``arith:...``)."""
+    return isinstance(spec, ArithOperator) or (isinstance(spec, str) and spec.split(":", 1)[0].strip() == "arith")
+
+
+@dataclass(frozen=True)
+class ArithOperator:
+    """A parsed ``arith:KIND[*A]`` (module docstring): ``kind`` ``add`` | ``mul``, ``strength`` ``A``."""
+
+    spec: str
+    kind: str
+    strength: float = 1.0
+
+    @property
+    def source_operator(self) -> str:
+        """The single-set operator written into the source neurons."""
+        A = self.strength
+        return f"add:mean*{_fmt(-A)}" if self.kind == "add" else f"scale:{_fmt(max(0.0, 1.0 - A))}"
+
+    @property
+    def target_operator(self) -> str:
+        """The single-set operator written into the target neurons."""
+        A = self.strength
+        return f"add:mean*{_fmt(A)}" if self.kind == "add" else f"scale:{_fmt(1.0 + A)}"
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.kind == "add"
+
+
+def _fmt(x: float) -> str:
+    """A float as an operator number that parses back to the same float."""
+    return repr(float(x))
+
+
+def parse_arith(spec: Union[str, ArithOperator]) -> ArithOperator:
+    """Parse ``arith:add[*A]`` / ``arith:mul[*A]`` (``A`` a finite number >= 0, default 1); UserError
+    on bad input."""
+    if isinstance(spec, ArithOperator):
+        return spec
+    if not isinstance(spec, str) or not is_arith(spec):
+        raise UserError(f"{spec!r} is not a language-arithmetic operator; use {ARITH_HELP}")
+    s = spec.strip()
+    arg = s.split(":", 1)[1].strip() if ":" in s else ""
+    if not arg:
+        raise UserError(f"operator {s!r} names no kind; use {ARITH_HELP}")
+    kind, A = arg, 1.0
+    if "*" in arg:
+        kind, a = (p.strip() for p in arg.split("*", 1))
+        if not re.fullmatch(_NUM, a):
+            raise UserError(f"operator {s!r}: {a!r} is not a number; use {ARITH_HELP}")
+        A = float(a)
+        if not math.isfinite(A) or A < 0:
+            raise UserError(f"operator {s!r}: the strength {a} must be a finite number >= 0 (to steer the other "
+                            "way, swap source and target)")
+    if kind not in ARITH_KINDS:
+        raise UserError(f"operator {s!r}: unknown language-arithmetic kind {kind!r}; use {ARITH_HELP}")
+    return ArithOperator(spec=s, kind=kind, strength=A)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -262,7 +359,9 @@ class Intervention:
     ``product``), ``positions`` (``all`` | ``prompt`` | ``generated`` | ``last``),
     ``stats_language`` (``None``: each neuron's own language, mean over several), ``stats_site``
     (``None``: must equal ``site``; ``"pre"``: [M25] replication), ``layers`` (restrict to these
-    layers; ``None`` = all), ``batch_scope`` (``batch`` | ``sequence``, batch operators only).
+    layers; ``None`` = all), ``batch_scope`` (``batch`` | ``sequence``, batch operators only),
+    ``exclude`` (languages whose neurons are left out of the written set, e.g. the target of
+    language arithmetic; ``None``: none).
     """
 
     neurons: NeuronSet
@@ -275,6 +374,7 @@ class Intervention:
     stats_site: Optional[str] = None
     layers: Optional[Sequence[int]] = None
     batch_scope: str = "batch"
+    exclude: Optional[Sequence[str]] = None
     op: Operator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -288,7 +388,10 @@ class Intervention:
             raise UserError("an intervention needs at least one language whose neurons it writes")
         if len(set(self.languages)) != len(self.languages):
             raise UserError(f"a language is named twice in {self.languages}")
-        for code in self.languages:
+        if isinstance(self.exclude, str):
+            self.exclude = [c.strip() for c in self.exclude.split(",") if c.strip()]
+        self.exclude = list(self.exclude) if self.exclude else None
+        for code in self.languages + (self.exclude or []):
             if code not in self.neurons.neurons:
                 raise UserError(f"unknown language {code!r}: the neuron set {self.neurons.name} has "
                                 f"{', '.join(self.neurons.languages) or 'no languages'}; pick one of those")
@@ -341,10 +444,13 @@ class Intervention:
 
     # ---- values --------------------------------------------------------------------------------
     def selection(self) -> torch.Tensor:
-        """BoolTensor ``[L, I]``: the union of the selected languages' neurons (layer-restricted)."""
+        """BoolTensor ``[L, I]``: the union of the selected languages' neurons, without those of
+        ``exclude`` (layer-restricted)."""
         sel = torch.zeros(self.neurons.num_layers, self.neurons.width, dtype=torch.bool)
         for code in self.languages:
             sel |= self.neurons.mask(code)
+        for code in self.exclude or ():
+            sel &= ~self.neurons.mask(code)
         if self.layers is not None:
             keep = torch.zeros(self.neurons.num_layers, dtype=torch.bool)
             keep[self.layers] = True
@@ -394,11 +500,12 @@ class Intervention:
         return out
 
     def describe(self) -> str:
-        return f"{self.operator}[{'+'.join(self.languages)}]@{self.site}/{self.positions}"
+        minus = f"-{'-'.join(self.exclude)}" if self.exclude else ""
+        return f"{self.operator}[{'+'.join(self.languages)}{minus}]@{self.site}/{self.positions}"
 
     # ---- serialisation -------------------------------------------------------------------------
     def _neuron_digest(self) -> str:
-        rows = {c: self.neurons.neurons[c].tolist() for c in self.languages}
+        rows = {c: self.neurons.neurons[c].tolist() for c in self.languages + (self.exclude or [])}
         return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -414,6 +521,7 @@ class Intervention:
             "stats_site": self.stats_site,
             "layers": list(self.layers) if self.layers is not None else None,
             "batch_scope": self.batch_scope,
+            **({"exclude": list(self.exclude)} if self.exclude else {}),
             "neurons": {"path": str(ns.path) if ns.path is not None else None, "method": ns.method.get("name"),
                         "model": dict(ns.model), "digest": self._neuron_digest(),
                         "counts": {c: ns.total(c) for c in self.languages}},
@@ -447,11 +555,66 @@ class Intervention:
         iv = cls(neurons=neurons, languages=d["languages"], operator=d["operator"], stats=stats,
                  site=d.get("site", "act"), positions=d.get("positions", "all"),
                  stats_language=d.get("stats_language"), stats_site=d.get("stats_site"), layers=d.get("layers"),
-                 batch_scope=d.get("batch_scope", "batch"))
+                 batch_scope=d.get("batch_scope", "batch"), exclude=d.get("exclude"))
         if nrec.get("digest") and iv._neuron_digest() != nrec["digest"]:
             raise UserError(f"the neuron set {neurons.name} differs from the one the intervention was made with "
                             f"(languages {', '.join(iv.languages)}); pass the same neuron set")
         return iv
+
+
+# ------------------------------------------------------------------------------------------ language arithmetic
+@dataclass
+class ArithmeticIntervention:
+    """Language arithmetic (module docstring): deactivate the neurons of ``sources``, activate those
+    of ``target``, in one forward pass.
+
+    ``operator``: ``arith:add[*A]`` | ``arith:mul[*A]``; ``stats``: ActivationStats of ``site``
+    (the per-neuron means; ``arith:add`` only); ``sources``: the languages deactivated (several:
+    their union; empty: only the target part); ``site``, ``positions``, ``layers``: as in
+    :class:`Intervention`, shared by both parts. ``parts`` holds the two :class:`Intervention`
+    objects in the order they are installed: the source part (``sources``' neurons without the
+    target's), then the target part.
+    """
+
+    neurons: NeuronSet
+    target: str
+    sources: Sequence[str]
+    operator: str = "arith:add"
+    stats: object = None
+    site: str = "act"
+    positions: str = "all"
+    layers: Optional[Sequence[int]] = None
+    arith: ArithOperator = field(init=False, repr=False)
+    parts: list = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.arith = parse_arith(self.operator)
+        self.operator = self.arith.spec
+        if isinstance(self.sources, str):
+            self.sources = [c.strip() for c in self.sources.split(",") if c.strip()]
+        self.sources = list(self.sources)
+        if self.target in self.sources:
+            raise UserError(f"language arithmetic {self.operator!r}: the target {self.target!r} is also a source "
+                            "language; the source languages are deactivated, the target activated")
+        if self.arith.needs_stats and self.stats is None:
+            raise UserError(f"operator {self.operator!r} needs activation statistics (the per-neuron mean of each "
+                            "language); pass --stats DIR (from 'langneurons collect')")
+        common = dict(stats=self.stats, site=self.site, positions=self.positions, layers=self.layers)
+        parts = []
+        if self.sources:
+            parts.append(Intervention(self.neurons, self.sources, self.arith.source_operator, exclude=[self.target],
+                                      **common))
+        parts.append(Intervention(self.neurons, [self.target], self.arith.target_operator, **common))
+        self.parts = parts
+
+    def for_source(self, source: Union[str, Sequence[str]]) -> "ArithmeticIntervention":
+        """The same arithmetic from other source language(s) (e.g. a prompt's language)."""
+        return ArithmeticIntervention(self.neurons, self.target, [source] if isinstance(source, str) else source,
+                                      self.operator, stats=self.stats, site=self.site, positions=self.positions,
+                                      layers=self.layers)
+
+    def describe(self) -> str:
+        return f"{self.operator}[{'+'.join(self.sources) or '-'}->{self.target}]@{self.site}/{self.positions}"
 
 
 # ------------------------------------------------------------------------------------------ batch statistics
@@ -781,20 +944,27 @@ class Controller:
 
 
 @contextlib.contextmanager
-def intervene(model, interventions: Union[Intervention, DirectionIntervention,
-                                          Sequence[Union[Intervention, DirectionIntervention]]],
+def intervene(model, interventions: Union[Intervention, DirectionIntervention, ArithmeticIntervention,
+                                          Sequence[Union[Intervention, DirectionIntervention,
+                                                         ArithmeticIntervention]]],
               adapter: Optional[Adapter] = None) -> Iterator[Controller]:
     """Apply one intervention or a list of them (in list order) to every forward pass of ``model``:
-    neuron interventions (:class:`Intervention`) and residual-stream directions
-    (:class:`~langneurons.directions.DirectionIntervention`), mixed freely.
+    neuron interventions (:class:`Intervention`), language arithmetic (:class:`ArithmeticIntervention`,
+    installed as its ``parts``: the controller's ``calls`` has one entry per part) and residual-stream
+    directions (:class:`~langneurons.directions.DirectionIntervention`), mixed freely.
 
     Hooks are removed and ``model.generate`` restored on exit, also on exceptions.
     """
-    single = isinstance(interventions, (Intervention, DirectionIntervention))
-    ivs = [interventions] if single else list(interventions)
-    for iv in ivs:
-        if not isinstance(iv, (Intervention, DirectionIntervention)):
-            raise TypeError(f"intervene() takes Intervention or DirectionIntervention objects, got {type(iv).__name__}")
+    single = isinstance(interventions, (Intervention, DirectionIntervention, ArithmeticIntervention))
+    ivs = []
+    for iv in ([interventions] if single else list(interventions)):
+        if isinstance(iv, ArithmeticIntervention):
+            ivs.extend(iv.parts)                      # source part, then target part
+        elif isinstance(iv, (Intervention, DirectionIntervention)):
+            ivs.append(iv)
+        else:
+            raise TypeError("intervene() takes Intervention, ArithmeticIntervention or DirectionIntervention "
+                            f"objects, got {type(iv).__name__}")
     adapter = adapter if adapter is not None else Adapter(model)
     ctl = Controller(model, adapter, ivs)
     with contextlib.ExitStack() as stack:
@@ -831,6 +1001,9 @@ class RowController:
                 continue
             if isinstance(iv, DirectionIntervention):
                 raise UserError("stacked rows take neuron interventions only; apply a direction intervention "
+                                "with intervene() / Session.intervened()")
+            if isinstance(iv, ArithmeticIntervention):
+                raise UserError("stacked rows take single-set neuron interventions; apply language arithmetic "
                                 "with intervene() / Session.intervened()")
             if iv.op.is_batch:
                 raise UserError(f"operator {iv.operator!r} uses batch statistics, which depend on the other rows of "

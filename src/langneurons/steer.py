@@ -41,6 +41,16 @@ written by the operator (``set:p_max`` of ``t`` in [R25]; any operator here):
 ``LSS(s -> t) = mean_i [D1 - D0 > 0]`` (ties fail). The diagonal is excluded; ``lss_by_target[t]``
 is the mean over ``s != t`` and ``lss_mean`` the mean over every off-diagonal cell.
 
+Language arithmetic
+-------------------
+``arith:add[*A]`` and ``arith:mul[*A]`` (:class:`langneurons.intervene.ArithmeticIntervention`)
+deactivate a source language's neurons while activating the target's. The source is the
+language of the prompt where it is known: in LSS, cell ``(s, t)`` scores the prompts ``q_s`` under
+the arithmetic from ``s`` to ``t`` (each source's pairs in their own passes, with their own
+unsteered pass in the same batches). Neutral prompts have no language: for the generation score the
+source is every other compared language (the union of their neurons, without the target's). Other
+operators write the target's neurons only and are scored as before.
+
 Generation score
 ----------------
 From neutral prompts (default: BOS alone and a few punctuation/number starts), sample
@@ -91,7 +101,7 @@ import torch
 
 from .errors import UserError
 from .jsonl import iter_jsonl, read_jsonl
-from .intervene import Intervention
+from .intervene import ArithmeticIntervention, Intervention, is_arith
 from .uncertainty import N_BOOT, interval, mean_ci, overlap, resample_indices
 
 from .artifacts import STEER_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
@@ -304,15 +314,25 @@ def continuation_loglik(session, pairs: Sequence[tuple[str, str]]) -> torch.Tens
     return torch.tensor([ll for ll, _ in session.loglikelihood(pairs)], dtype=torch.float64)
 
 
+def _cell_pairs(items: Sequence[ClozeItem], s: str, t: str, keep: Sequence[int]) -> list[tuple[str, str]]:
+    """``(q_s, o_t)`` of the items ``keep``, then their ``(q_s, o_s)``."""
+    return ([(items[i].prompts[s], items[i].sep(s) + items[i].objects[t]) for i in keep]
+            + [(items[i].prompts[s], items[i].sep(s) + items[i].objects[s]) for i in keep])
+
+
 def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
         make_intervention: Callable[[str], Optional[Intervention]], baseline: Optional[dict] = None,
         seed: int = 0, n_boot: int = N_BOOT) -> dict:
     """Language Steering Shift of every (source, target) pair (module docstring).
 
-    ``make_intervention(t)`` gives the intervention that steers toward ``t``. ``baseline``: a dict
-    from a previous call (key ``"_ll0"``) to reuse the unsteered log-likelihoods. The unsteered pass of
-    target ``t`` scores exactly the pairs of the steered pass in the same batches, so an intervention
-    that changes nothing gives ``D1 == D0`` bit for bit (a tie, which fails) whatever the batching.
+    ``make_intervention(t)`` gives the intervention that steers toward ``t``. An
+    :class:`~langneurons.intervene.ArithmeticIntervention` is specialised to each source ``s``
+    (``for_source(s)``: ``s``'s neurons down, ``t``'s up) and each source's pairs are scored in their
+    own passes. ``baseline``: a dict from a previous call (key ``"_ll0"``) to reuse the unsteered
+    log-likelihoods (keyed by ``t``, and by ``(s, t)`` for per-source passes). The unsteered pass of
+    target ``t`` (or cell ``(s, t)``) scores exactly the pairs of the steered pass in the same batches,
+    so an intervention that changes nothing gives ``D1 == D0`` bit for bit (a tie, which fails)
+    whatever the batching.
     Returns ``{"lss": [K][K] (None on the diagonal), "lss_by_target", "lss_mean", "mean_shift",
     "items": [K][K] item counts, "lss_ci95", "lss_by_target_ci95", "lss_mean_ci95" (bootstrap over
     items seeded with ``seed``, see :func:`lss_intervals`), "_wins": [K][K] of None or
@@ -334,15 +354,27 @@ def lss(session, items: Sequence[ClozeItem], languages: Sequence[str],
         for s in srcs:
             keep = [i for i, it in enumerate(items) if s in it.prompts and t in it.objects and s in it.objects]
             jobs.append((s, keep))
-        pairs = []
-        for s, keep in jobs:
-            pairs += [(items[i].prompts[s], items[i].sep(s) + items[i].objects[t]) for i in keep]
-            pairs += [(items[i].prompts[s], items[i].sep(s) + items[i].objects[s]) for i in keep]
-        with session.intervened(iv):
-            ll1 = continuation_loglik(session, pairs).tolist()
-        if t not in ll0:
-            ll0[t] = continuation_loglik(session, pairs).tolist()
-        base = ll0[t]
+        if isinstance(iv, ArithmeticIntervention):
+            # the source is the prompt's language: one intervention (and one unsteered pass) per cell
+            ll1, base = [], []
+            for s, keep in jobs:
+                if not keep:
+                    continue
+                cp = _cell_pairs(items, s, t, keep)
+                with session.intervened(iv.for_source(s)):
+                    ll1 += continuation_loglik(session, cp).tolist()
+                if (s, t) not in ll0:
+                    ll0[(s, t)] = continuation_loglik(session, cp).tolist()
+                base += ll0[(s, t)]
+        else:
+            pairs = []
+            for s, keep in jobs:
+                pairs += _cell_pairs(items, s, t, keep)
+            with session.intervened(iv):
+                ll1 = continuation_loglik(session, pairs).tolist()
+            if t not in ll0:
+                ll0[t] = continuation_loglik(session, pairs).tolist()
+            base = ll0[t]
         pos = 0
         for s, keep in jobs:
             n = len(keep)
@@ -591,10 +623,19 @@ def build_interventions(ns, stats, languages: Sequence[str], operators: Sequence
                         positions: str = "all", batch_scope: str = "batch", strict: bool = True
                         ) -> tuple[dict[str, dict[str, Intervention]], dict[str, str]]:
     """``{operator: {target: Intervention}}`` and ``{operator: reason}`` for operators skipped
-    (only when ``strict`` is False, as in a sweep; otherwise the UserError propagates)."""
+    (only when ``strict`` is False, as in a sweep; otherwise the UserError propagates).
+
+    Language arithmetic (``arith:...``) gives, per target ``t``, an
+    :class:`~langneurons.intervene.ArithmeticIntervention` whose sources are the other
+    ``languages`` (used as is for neutral-prompt generation; LSS narrows it to the prompt's language).
+    """
     ivs, skipped = {}, {}
     for op in operators:
         try:
+            if is_arith(op):
+                ivs[op] = {t: ArithmeticIntervention(ns, t, [c for c in languages if c != t], op, stats=stats,
+                                                     site=site, positions=positions) for t in languages}
+                continue
             ivs[op] = {t: Intervention(neurons=ns, languages=[t], operator=op, stats=stats, site=site,
                                        positions=positions, batch_scope=batch_scope) for t in languages}
         except UserError as e:

@@ -34,12 +34,25 @@ MUSE: a directory with en-xx.txt dictionaries ("english_word other_word" per lin
 
 Operators: zero, set:STAT[*A], set:CONST, scale:A, add:STAT[*A], set:batch-max, add:batch-max,
 set:batch-p10 (STAT: mean, std, pXX, p_max, p_median; p_max/p_median need sentence statistics).
+These write the target's neurons.
+
+Language arithmetic (Gurgurov et al. 2025) deactivates a source language's neurons and activates
+the target's in the same pass (neurons of both: the target value), strength A >= 0 (default 1):
+  arith:add[*A]  source a <- a - A*mean_s (needs --stats), target a <- a + A*mean_t
+  arith:mul[*A]  source a <- max(0, 1-A)*a,                target a <- (1+A)*a
+The source is the prompt's language where known: LSS cell (s, t) uses s. Neutral prompts
+(--generation) and print mode use every other language (of --languages, else of the neuron set)
+unless print mode names --source CODE[,CODE]. They mix with the other operators in a list.
 
 examples:
   langneurons steer --model M --neurons lape.json --stats stats-sent --target zh --operator set:p_max \\
       --prompt "The weather today" --max-new-tokens 30
   langneurons steer --model M --neurons lape.json --stats stats-sent --muse data/muse --languages en,fr,zh \\
       --sweep --generation --out runs/steer
+  langneurons steer --model M --neurons lape.json --stats stats --target fr --source en \\
+      --operator arith:add --prompt "The weather today"
+  langneurons steer --model M --neurons lape.json --stats stats --cloze facts.jsonl --languages en,fr,zh \\
+      --operator set:p_max,arith:add,arith:mul*0.5 --out runs/arith
 """
 
 
@@ -50,13 +63,17 @@ def register(sub) -> None:
     add_model_options(p, batch_size=16)
     p.add_argument("--neurons", required=True, type=Path, help="neuron-set JSON file")
     p.add_argument("--stats", type=Path, default=None, help="statistics directory (statistic operators)")
-    add_operator(p, "set:p_max", "operator, or a comma-separated list in scoring mode [set:p_max]")
+    add_operator(p, "set:p_max", "operator (or arith:add[*A], arith:mul[*A]: language arithmetic), or a "
+                 "comma-separated list in scoring mode [set:p_max]")
     p.add_argument("--site", default="act", help="site written: pre | act (default) | product")
     p.add_argument("--positions", default="all", help="all (default) | prompt | generated | last")
     p.add_argument("--batch-scope", default="batch", choices=("batch", "sequence"),
                    help="pooling of batch-* operators: the whole batch ([R25], default) or each sequence")
     g = p.add_argument_group("print mode")
     g.add_argument("--target", action="append", default=None, help="language to steer toward (repeatable)")
+    # SUPPRESS: absent unless given, so the command key of runs without it is unchanged
+    g.add_argument("--source", default=argparse.SUPPRESS, metavar="CODE[,CODE]",
+                   help="language(s) of the prompts, deactivated by arith:* operators [every other language]")
     g.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     g.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line")
     g.add_argument("--baseline", action="store_true", help="also print the unsteered continuation")
@@ -105,6 +122,9 @@ def run(args) -> int:
         return _print_mode(args, ns, stats, operators)
 
     from .. import steer as S
+    if getattr(args, "source", None) is not None:
+        raise UserError("--source is for print mode; in scoring mode language arithmetic takes the source from the "
+                        "cloze prompt's language (LSS) or uses every other language (--generation)")
     sources = [x for x in (args.cloze, args.mlama, args.muse) if x is not None]
     if len(sources) > 1:
         raise UserError("give at most one of --cloze, --mlama and --muse")
@@ -243,7 +263,7 @@ def _session(args, ns):
 
 def _print_mode(args, ns, stats, operators) -> int:
     from ..errors import UserError
-    from ..intervene import Intervention
+    from ..intervene import ArithmeticIntervention, Intervention, is_arith
     from ..steer import generate_texts
     if not args.target:
         raise UserError("print mode needs --target CODE (or give --out DIR to score steering)")
@@ -253,8 +273,19 @@ def _print_mode(args, ns, stats, operators) -> int:
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompts FILE")
     targets = [c.strip() for t in args.target for c in t.split(",") if c.strip()]
-    ivs = {t: Intervention(neurons=ns, languages=[t], operator=operators[0], stats=stats, site=args.site,
-                           positions=args.positions, batch_scope=args.batch_scope) for t in targets}
+    op = operators[0]
+    given = getattr(args, "source", None)
+    sources = [c.strip() for c in given.split(",") if c.strip()] if given is not None else None
+    if is_arith(op):
+        pool = ([c.strip() for c in args.languages.split(",") if c.strip()] if args.languages else ns.languages)
+        ivs = {t: ArithmeticIntervention(ns, t, sources if sources is not None else [c for c in pool if c != t], op,
+                                         stats=stats, site=args.site, positions=args.positions) for t in targets}
+    else:
+        if sources is not None:
+            raise UserError(f"--source names the prompts' language for language arithmetic (arith:add, arith:mul); "
+                            f"operator {op!r} writes the target's neurons only: drop --source")
+        ivs = {t: Intervention(neurons=ns, languages=[t], operator=op, stats=stats, site=args.site,
+                               positions=args.positions, batch_scope=args.batch_scope) for t in targets}
     session = _session(args, ns)
     kw = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed)
     base = generate_texts(session, prompts, **kw) if args.baseline else None
