@@ -448,3 +448,150 @@ def test_interrupted_ppl_resumes_per_column_and_ends_identical(demo_model, demo_
     assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *other)) == 2      # another run's ppl.json is kept
     assert main(_demo_args(demo_model, out, tmp_path / "ns.json", *other, "--overwrite")) == 0
     assert json.loads((out / "ppl.json").read_text())["work"]["resumed_columns"] == []
+
+
+# ------------------------------------------------------------------------------------------ deactivation-value sweep
+SWEEP = "zero,set:p1,set:p10,set:p50"
+
+
+def _sweep_world(demo_stats, tmp_path):
+    from langneurons.stats import ActivationStats
+    select("lape", ActivationStats.load(demo_stats), top_rate=0.03).save(tmp_path / "ns.json")
+    return tmp_path / "ns.json"
+
+
+def _capture(monkeypatch):
+    """Record every MatrixResult the command computes."""
+    import langneurons.ppl as P
+    got, real = [], P.perplexity_matrix
+
+    def wrapped(*a, **kw):
+        res = real(*a, **kw)
+        got.append(res)
+        return res
+    monkeypatch.setattr(P, "perplexity_matrix", wrapped)
+    return got
+
+
+def test_ppl_sweep_equals_separate_runs(demo_model, demo_stats, tmp_path, monkeypatch, capsys):
+    """One sweep pass: every operator's rows give the matrices of a separate one-operator run (mean NLL
+    and per-window NLL to 1e-9, the published record exactly); the first operator's record stays at
+    the top level as a one-operator run writes it; the sweep costs one pass with more rows."""
+    from langneurons.ppl import SWEEP_SEP, operator_rows
+    ns = _sweep_world(demo_stats, tmp_path)
+    common = ("--random-seeds", "0", "--rows", "en,fr,zh", "--stats", str(demo_stats))
+    got = _capture(monkeypatch)
+    assert main(_demo_args(demo_model, tmp_path / "sweep", ns, *common, "--operator", SWEEP)) == 0
+    printed = capsys.readouterr().out
+    sweep_res = got[-1]
+    ops = SWEEP.split(",")
+    assert sweep_res.rows[0] == "baseline" and sweep_res.rows.count("baseline") == 1
+    assert sweep_res.rows[1:5] == [f"zero{SWEEP_SEP}{c}" for c in ("en", "fr", "zh")] + [f"zero{SWEEP_SEP}random[0]:en"]
+    assert len(sweep_res.rows) == 1 + len(ops) * 6
+    rec = json.loads((tmp_path / "sweep" / "ppl.json").read_text())
+    assert (tmp_path / "sweep" / "ppl_sweep.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "ppl.png").stat().st_size > 1000
+    sw = rec["sweep"]
+    assert sw["operators"] == ops and list(sw["per_operator"]) == ops and sw["languages"] == ["en", "fr", "zh"]
+    assert rec["work"]["sequences"] == (1 + len(ops) * 6) * 8 * 3          # one pass over the windows
+    for op in ops:
+        out = tmp_path / f"one-{op.replace(':', '_')}"
+        assert main(_demo_args(demo_model, out, ns, *common, "--operator", op)) == 0
+        one_res = got[-1]
+        one = json.loads((out / "ppl.json").read_text())
+        assert "sweep" not in one and not (out / "ppl_sweep.png").exists()
+        sub = operator_rows(sweep_res, op)
+        assert sub.rows == one_res.rows
+        torch.testing.assert_close(sub.mean_nll, one_res.mean_nll, rtol=0, atol=1e-9)
+        for a, b in zip(sub.window_nll, one_res.window_nll):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        per = sw["per_operator"][op]
+        assert per == {k: v for k, v in one.items() if k in per}, op
+        # what every operator shares is kept once, at the top level
+        assert set(one) - set(per) == {"format", "columns", "languages", "tokens", "windows", "settings", "work",
+                                       "command_key"}
+        if op == "zero":         # the first operator: the top level is its one-operator record
+            assert set(rec) - set(one) == {"sweep"}
+            for k in one:
+                if k not in ("work", "command_key"):
+                    assert rec[k] == one[k], k
+            assert rec["settings"]["operator"] == "zero"
+    # the printed table: one line per operator, in the order given
+    lines = [ln for ln in printed.splitlines() if ln.split(" ")[0] in ops]
+    assert [ln.split(" ")[0] for ln in lines] == ops
+    assert "deactivation-value sweep" in printed and "selectivity" in printed
+
+
+def test_ppl_sweep_summary_matches_matrix_cells(demo_model, demo_stats, tmp_path):
+    """own / other are the means of the diagonal / off-diagonal delta-NLL cells of each operator's
+    matrix, inside their intervals; selectivity is their difference; row dominance is the matrix's."""
+    ns = _sweep_world(demo_stats, tmp_path)
+    assert main(_demo_args(demo_model, tmp_path / "s", ns, "--random-seeds", "none", "--stats", str(demo_stats),
+                           "--operator", "set:p50,zero", langs=("en", "fr", "zh", "de"))) == 0
+    rec = json.loads((tmp_path / "s" / "ppl.json").read_text())
+    sw = rec["sweep"]
+    assert sw["operators"] == ["set:p50", "zero"] and rec["settings"]["operator"] == "set:p50"
+    langs = sw["languages"]
+    assert langs == [c for c in rec["languages"]["rows"] if c in rec["columns"]] and len(langs) >= 2
+    for op in sw["operators"]:
+        per = sw["per_operator"][op]
+        d = np.array([[per["delta_nll"][per["rows"].index(r)][rec["columns"].index(c)] for c in langs]
+                      for r in langs])
+        own, other = np.diag(d).mean(), d[~np.eye(len(langs), dtype=bool)].mean()
+        assert sw["own"][op]["value"] == pytest.approx(own, abs=2e-6)
+        assert sw["other"][op]["value"] == pytest.approx(other, abs=2e-6)
+        assert sw["selectivity"][op]["value"] == pytest.approx(own - other, abs=4e-6)
+        for name in ("own", "other", "selectivity"):
+            lo, hi = sw[name][op]["ci95"]
+            assert lo - 1e-9 <= sw[name][op]["value"] <= hi + 1e-9, (op, name)
+        dom = diagonal_dominance(torch.tensor(d), langs, langs)
+        assert sw["row_dominance"][op]["count"] == dom["row_count"] and sw["row_dominance"][op]["of"] == len(langs)
+        lo, hi = sw["row_dominance"][op]["ci95"]
+        assert lo <= dom["row_count"] <= hi and sw["row_dominance"][op] == per["headline"]["row_dominance"]
+
+
+def test_sweep_summary_known_answers():
+    """Constant shifts on every window: paired intervals are points, own / other / selectivity exact."""
+    from types import SimpleNamespace
+    from pathlib import Path
+    from langneurons.ppl import MatrixResult, PPLConfig, build_sweep_record
+    cols, n, pw = ["aa", "bb"], 6, 10
+    shift = {"A|aa": [0.5, 0.1], "A|bb": [0.3, 0.9], "B|aa": [0.2, 0.4], "B|bb": [0.2, 0.2]}
+    names = ["baseline"] + list(shift)
+    base = np.random.default_rng(0).normal(3.0, 0.5, (2, n))
+    wn = [torch.from_numpy(np.stack([base[c] + (shift[r][c] if r in shift else 0.0) for r in names]) * pw)
+          for c in range(2)]
+    res = MatrixResult(rows=names, columns=cols, nll_sum=torch.stack([w.sum(1) for w in wn], 1), tokens=[n * pw] * 2,
+                       windows=[n] * 2, passes=1, sequences=5 * n * 2, seconds=0.0, window_nll=wn)
+    rec = build_sweep_record(res, ["A", "B"], cols, [], SimpleNamespace(total=lambda c: 3, method={"name": "t"}),
+                             PPLConfig(model="m", neurons=Path("n.json"), languages=[], out=Path("o")),
+                             SimpleNamespace(model_type="llama"))
+    sw = rec["sweep"]
+    assert sw["own"]["A"] == {"value": 0.7, "ci95": [0.7, 0.7]} and sw["other"]["A"] == {"value": 0.2, "ci95": [0.2, 0.2]}
+    assert sw["selectivity"]["A"] == {"value": 0.5, "ci95": [0.5, 0.5]}
+    assert sw["own"]["B"]["value"] == 0.2 and sw["other"]["B"]["value"] == 0.3
+    assert sw["selectivity"]["B"]["ci95"] == [-0.1, -0.1]
+    assert sw["row_dominance"]["A"] == {"count": 2, "of": 2, "ci95": [2, 2]}     # aa: 0.5 > 0.1, bb: 0.9 > 0.3
+    assert sw["row_dominance"]["B"]["count"] == 0                                # 0.2 > 0.4 no, 0.2 > 0.2 no
+    assert rec["rows"] == ["baseline", "aa", "bb"] and rec["delta_nll"][1] == [0.5, 0.1]   # top level: A
+    assert rec["work"]["sequences"] == 60 and rec["work"]["naive_sequences"] == 2 * 4 * 2 * n
+    out = _summary(rec)
+    assert "deactivation-value sweep" in out and "0.500 [0.500, 0.500]" in out
+
+
+@pytest.mark.parametrize("case", ["unknown_in_list", "duplicate", "same_operator", "empty_entry", "stat_without_stats"])
+def test_ppl_sweep_bad_input(case, demo_model, demo_stats, tmp_path, capsys):
+    ns = _sweep_world(demo_stats, tmp_path)
+    operator, extra, fragment = {
+        "unknown_in_list": ("zero,double:2,set:p10", ["--stats", str(demo_stats)], "unknown operator 'double:2'"),
+        "duplicate": ("zero,set:p10,set:p10", ["--stats", str(demo_stats)], "duplicate operator 'set:p10'"),
+        "same_operator": ("zero,set:p5,set:0", ["--stats", str(demo_stats)], "the same as 'zero'"),
+        "empty_entry": ("zero,,set:p10", ["--stats", str(demo_stats)], "empty entry"),
+        "stat_without_stats": ("zero,set:p10", [], "'set:p10' needs activation statistics"),
+    }[case]
+    out = tmp_path / "out"
+    rc = main(_demo_args(demo_model, out, ns, "--operator", operator, *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("langneurons: error:"), err
+    assert fragment in err[0], err[0]
+    assert not out.exists()

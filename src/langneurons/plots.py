@@ -1,4 +1,5 @@
-"""PNG plots: neuron sets per layer, values per layer, language-by-language matrices, bar charts.
+"""PNG plots: neuron sets per layer, values per layer, language-by-language matrices, bar charts,
+point estimates with interval bars.
 
 matplotlib is an optional dependency (``pip install langneurons[plot]``); it is imported inside
 the functions, and figures are drawn on the Agg canvas directly (no pyplot global state, no
@@ -14,7 +15,7 @@ from typing import Sequence
 from .atomic import atomic_write
 from .errors import UserError
 
-__all__ = ["plot_layer_distribution", "plot_layer_lines", "plot_heatmap", "plot_bars"]
+__all__ = ["plot_layer_distribution", "plot_layer_lines", "plot_heatmap", "plot_bars", "plot_intervals"]
 
 
 def _new_figure(figsize):
@@ -196,4 +197,51 @@ def plot_bars(values, labels: Sequence[str], path, *, series: Sequence[str] | No
         ax.set_title(title, fontsize=9)
     if grouped:
         ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="upper right")
+    return _save_png(fig, path)
+
+
+def plot_intervals(values, labels: Sequence[str], path, *, lows, highs, series: Sequence[str] | None = None,
+                   ylabel: str = "", title: str = "") -> Path:
+    """Point estimates with (asymmetric) interval bars: one x position per label, in the order given
+    (categories, e.g. operators), one marker series per row of ``values``.
+
+    ``values``, ``lows`` and ``highs`` are ``[n]`` (one series) or ``[s][n]`` with ``series`` naming the
+    ``s`` rows; a NaN value is not drawn, a NaN interval end draws no bar. Series are offset slightly
+    along x so that their bars do not hide each other. Returns ``path``.
+    """
+    import math
+
+    grouped = series is not None
+    rows = _to_rows(values if grouped else [values])
+    lo = _to_rows(lows if grouped else [lows])
+    hi = _to_rows(highs if grouped else [highs])
+    n = len(labels)
+    if not n or any(len(r) != n for r in rows + lo + hi) or not (len(rows) == len(lo) == len(hi)):
+        raise UserError(f"plot_intervals: need one value, low and high per label ({n} labels) in every series")
+    if grouped and len(series) != len(rows):
+        raise UserError(f"plot_intervals: {len(rows)} series of values but {len(series)} series names")
+    fig = _new_figure((max(4.5, 0.9 * n + 2.5), 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    markers = "osD^v<>ph*x+"
+    step = 0.12 if len(rows) > 1 else 0.0
+    for k, (row, l, h) in enumerate(zip(rows, lo, hi)):
+        xs = [i + (k - (len(rows) - 1) / 2) * step for i in range(n)]
+        pts = [(x, v) for x, v in zip(xs, row) if not math.isnan(v)]
+        line = ax.plot([x for x, _ in pts], [v for _, v in pts], linestyle="none", marker=markers[k % len(markers)],
+                       markersize=5, label=series[k] if grouped else None)[0]
+        for x, v, a, b in zip(xs, row, l, h):
+            if not (math.isnan(v) or math.isnan(a) or math.isnan(b)):
+                ax.errorbar([x], [v], yerr=[[max(v - a, 0.0)], [max(b - v, 0.0)]], color=line.get_color(),
+                            capsize=3, linewidth=1.0)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([str(lab) for lab in labels], rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.grid(True, axis="y", alpha=0.3)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if grouped:
+        ax.legend(fontsize=7, loc="best")
     return _save_png(fig, path)

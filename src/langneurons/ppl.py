@@ -45,6 +45,28 @@ seeds when there are at least two: per replicate, ``S`` seed indices drawn with 
 ``numpy.random.default_rng([seed, 1])`` (one draw per replicate, shared by every random row and
 column, since one seed is one control set for every language). Integer counts (dominance) publish
 the percentile interval widened outward to integers (``floor(lo)``, ``ceil(hi)``).
+
+Deactivation-value sweep (which replacement value truly deactivates a neuron? [M25] open question
+2: writing ``zero`` is not "off" for neurons whose typical activation is far from 0, and a low
+percentile such as ``set:p10`` hurts too). ``operator`` may be a comma-separated list,
+``zero,set:p1,set:p5,set:p10,set:p25,set:p50``: every operator's rows are stacked into the **same**
+matrix pass (rows ``OP|code`` and ``OP|random[seed]:code``; the baseline once), so the sweep costs one
+pass over the windows with ``1 + n_ops * (L + S * L)`` rows instead of ``n_ops`` runs. Each operator's
+record is built from its own rows exactly as a one-operator run builds it (the same windows, the
+same seeded window draws, so a sweep's per-operator matrices equal separate runs'). ``ppl.json``
+keeps the **first** operator's record at the top level (what a one-operator run writes; ``work``
+counts the whole pass) and adds ``sweep``: for each operator, on the ``m`` languages that are both
+rows and columns::
+
+    own[op]         = mean_k delta_nll[k, k]                  (the deactivated language's own damage)
+    other[op]       = mean_{k != j} delta_nll[k, j]            (damage to the other languages)
+    selectivity[op] = own[op] - other[op]
+
+and the row-dominance count, each with its 95% interval from the paired window bootstrap above
+(one draw per replicate and column, shared by every operator, so the intervals of different
+operators are paired too). A replacement value that truly deactivates language neurons should
+give a large own damage with a small other damage (high selectivity); one that merely breaks the
+model raises both. A one-operator run writes no ``sweep`` and is unchanged.
 """
 
 from __future__ import annotations
@@ -63,7 +85,7 @@ import torch
 
 from .corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
 from .errors import UserError
-from .intervene import Intervention
+from .intervene import Intervention, Operator
 from .uncertainty import LEVEL, N_BOOT, interval, overlap, resample_indices
 
 from .artifacts import PPL_FORMAT, PPL_PARTIAL_FORMAT  # noqa: E402 - the tags are defined in the artifact registry
@@ -78,6 +100,33 @@ def heldout_windows(source: LanguageSource, tokenizer, window: int, max_tokens: 
                             stream_cap=(max_tokens * 4 if max_tokens else None))
     windows = cut_windows(stream, packing, tokenizer.bos_token_id, source.code)
     return windows[select_windows(len(windows), window, max_tokens, seed)]
+
+
+# ------------------------------------------------------------------------------------------ operators
+SWEEP_SEP = "|"      # row names of a sweep: ``OP|code``, ``OP|random[seed]:code``
+
+
+def parse_operators(text: str) -> list[Operator]:
+    """The operators of ``--operator OP[,OP...]``, in the order given; UserError (one line) on an
+    empty entry, an unknown operator or the same operator twice (``zero`` and ``set:0``, ``set:p10``
+    and ``set:p10*1`` are the same operator)."""
+    from .intervene import parse_operator
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise UserError(f"--operator {text!r} has an empty entry; give comma-separated operators, "
+                        "e.g. zero,set:p10,set:p50")
+    ops: list[Operator] = []
+    seen: dict[tuple, str] = {}
+    for part in parts:
+        op = parse_operator(part)
+        q = op.quantile
+        key = (op.mode, op.source, q if q is not None else op.stat, float(op.value), float(op.factor))
+        if key in seen:
+            same = "" if seen[key] == op.spec else f" (the same as {seen[key]!r})"
+            raise UserError(f"duplicate operator {op.spec!r} in --operator{same}; give each operator once")
+        seen[key] = op.spec
+        ops.append(op)
+    return ops
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -269,7 +318,7 @@ class PPLConfig:
     languages: list[LanguageSource]
     out: Path
     stats: Optional[Path] = None
-    operator: str = "zero"
+    operator: str = "zero"              # one operator, or a comma-separated list: a sweep (module docstring)
     site: str = "act"
     rows: Optional[list[str]] = None
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -288,10 +337,10 @@ class PPLConfig:
 
 
 def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
-    """Load everything, compute the matrix, write ``OUT/ppl.json`` and ``OUT/ppl.png``; return the record."""
+    """Load everything, compute the matrix, write ``OUT/ppl.json`` and ``OUT/ppl.png`` (a sweep, several
+    comma-separated operators: also ``OUT/ppl_sweep.png``); return the record."""
     from .collect import check_run_options
     from .runtime import ModelOptions, model_fingerprint, open_session
-    from .intervene import parse_operator
     from .neuronset import NeuronSet, random_control
     from .atomic import atomic_write_text
     from .resume import Partial
@@ -303,7 +352,9 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    op = parse_operator(cfg.operator)
+    ops = parse_operators(cfg.operator)
+    specs = [o.spec for o in ops]
+    sweep = len(ops) > 1
     ns = NeuronSet.load(cfg.neurons)
     stats = ActivationStats.load(cfg.stats) if cfg.stats is not None else None
     row_langs = list(cfg.rows) if cfg.rows is not None else ns.languages
@@ -311,8 +362,9 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
         if code not in ns.neurons:
             raise UserError(f"unknown language {code!r} in --rows: the neuron set {cfg.neurons} has "
                             f"{', '.join(ns.languages)}")
-    if op.needs_stats and stats is None:
-        raise UserError(f"operator {op.spec!r} needs activation statistics; pass --stats DIR")
+    for op in ops:
+        if op.needs_stats and stats is None:
+            raise UserError(f"operator {op.spec!r} needs activation statistics; pass --stats DIR")
 
     session = open_session(ModelOptions(cfg.model, cfg.arch, cfg.dtype, cfg.device, cfg.device_map,
                                         cfg.trust_remote_code), arch_from=(cfg.neurons, cfg.stats),
@@ -323,19 +375,19 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     if isinstance(max_pos, int) and cfg.window > max_pos:
         raise UserError(f"--window {cfg.window} exceeds the model's {max_pos} positions; lower --window")
 
-    def make(neurons, code):
-        return Intervention(neurons=neurons, languages=[code], operator=op.spec, stats=stats, site=cfg.site)
+    def make(neurons, code, spec):
+        # values of statistic operators come from the language's own statistics (random rows too)
+        return Intervention(neurons=neurons, languages=[code], operator=spec, stats=stats, site=cfg.site)
 
+    # one operator: baseline, language rows, random rows (seed-major); a sweep: the baseline once, then
+    # the same rows of every operator, named OP|code and OP|random[seed]:code (module docstring)
+    controls = {seed: random_control(ns, seed) for seed in cfg.random_seeds}
     rows: list[tuple[str, Optional[Intervention]]] = [("baseline", None)]
-    rows += [(code, make(ns, code)) for code in row_langs]
-    controls = {}
-    for seed in cfg.random_seeds:
-        rc = random_control(ns, seed)
-        controls[seed] = rc
-        for code in row_langs:
-            # values of statistic operators come from the language's own statistics, as for its real row
-            rows.append((f"random[{seed}]:{code}", Intervention(neurons=rc, languages=[code], operator=op.spec,
-                                                                stats=stats, site=cfg.site)))
+    for spec in specs:
+        pre = f"{spec}{SWEEP_SEP}" if sweep else ""
+        rows += [(f"{pre}{code}", make(ns, code, spec)) for code in row_langs]
+        rows += [(f"{pre}random[{seed}]:{code}", make(controls[seed], code, spec))
+                 for seed in cfg.random_seeds for code in row_langs]
     columns = {src.code: heldout_windows(src, tokenizer, cfg.window, cfg.max_tokens, cfg.seed, cfg.cache_dir)
                for src in cfg.languages}
 
@@ -344,7 +396,8 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
     # command recomputes only the missing columns.
     # partial_version 2: parts carry the per-window NLL sums (an older checkpoint is not reused).
     key_doc = {"partial_version": 2, "model": model_fingerprint(model), "rows": [name for name, _ in rows],
-               "neurons": hashlib.sha256(Path(cfg.neurons).read_bytes()).hexdigest(), "operator": op.spec,
+               "neurons": hashlib.sha256(Path(cfg.neurons).read_bytes()).hexdigest(),
+               "operator": specs if sweep else specs[0],
                "site": cfg.site, "stats": stats.fingerprint if stats is not None else None,
                "columns": {c: hashlib.sha256(np.ascontiguousarray(w, dtype=np.int64).tobytes()).hexdigest()
                            for c, w in columns.items()}}
@@ -354,7 +407,10 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
         print(f"ppl: resuming: {len(done)} of {len(columns)} columns already computed ({', '.join(done)})",
               file=sys.stderr)
     res = perplexity_matrix(session, rows, columns, progress=cfg.progress, done=done, on_column=partial.add)
-    record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, op.spec, adapter)
+    if sweep:
+        record = build_sweep_record(res, specs, row_langs, cfg.random_seeds, ns, cfg, adapter)
+    else:
+        record = build_record(res, row_langs, cfg.random_seeds, ns, cfg, specs[0], adapter)
     record["work"]["resumed_columns"] = list(done)  # taken from the checkpoint of an interrupted run
     if cfg.command_key:
         from .outputs import KEY_FIELD
@@ -363,7 +419,11 @@ def run_ppl(cfg: PPLConfig, model=None, tokenizer=None) -> dict:
         return record
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ppl.json", json.dumps(record, indent=1, ensure_ascii=False))
-    plot_ppl(record, row_langs, bool(cfg.random_seeds), op.spec, out / "ppl.png")
+    if sweep:
+        plot_sweep_heatmap(record, row_langs, out / "ppl.png")
+        plot_sweep(record, out / "ppl_sweep.png")
+    else:
+        plot_ppl(record, row_langs, bool(cfg.random_seeds), specs[0], out / "ppl.png")
     partial.clear()
     return record
 
@@ -379,6 +439,42 @@ def plot_ppl(record: dict, row_langs: list[str], with_random: bool, op: str, pat
                  path, fmt=".2f", cmap="magma",
                  title=f"{op} on language neurons: ΔNLL = log(PPL / baseline PPL); rows: neurons, "
                        "columns: evaluated language")
+
+
+def plot_sweep_heatmap(record: dict, row_langs: list[str], path: Path) -> None:
+    """``ppl.png`` of a sweep: the change in NLL of every operator's language rows (``OP|code``)."""
+    from .plots import plot_heatmap
+    labels, mat = [], []
+    for spec in record["sweep"]["operators"]:
+        rec = record["sweep"]["per_operator"][spec]
+        for code in row_langs:
+            labels.append(f"{spec}{SWEEP_SEP}{code}")
+            mat.append(rec["delta_nll"][rec["rows"].index(code)])
+    plot_heatmap([[float("nan") if v is None else v for v in row] for row in mat], labels, record["columns"],
+                 path, fmt=".2f", cmap="magma",
+                 title="deactivation-value sweep: ΔNLL = log(PPL / baseline PPL); rows: operator|neurons, "
+                       "columns: evaluated language")
+
+
+def plot_sweep(record: dict, path: Path) -> None:
+    """``ppl_sweep.png``: own- and other-language damage (mean ΔNLL, 95% interval bars) per operator,
+    operators on the x axis in the order given."""
+    from .plots import plot_intervals
+    sw = record["sweep"]
+    specs = sw["operators"]
+    nan = float("nan")
+
+    def series(name):
+        vals = [sw[name][o]["value"] for o in specs]
+        cis = [sw[name][o]["ci95"] or [nan, nan] for o in specs]
+        return ([nan if v is None else v for v in vals], [nan if c[0] is None else c[0] for c in cis],
+                [nan if c[1] is None else c[1] for c in cis])
+    own, other = series("own"), series("other")
+    plot_intervals([own[0], other[0]], specs, path, lows=[own[1], other[1]], highs=[own[2], other[2]],
+                   series=["own language (diagonal)", "other languages (off-diagonal)"],
+                   ylabel="mean ΔNLL (log PPL ratio)",
+                   title=f"deactivation-value sweep on {len(sw['languages'])} languages: which value "
+                         "deactivates? (95% bootstrap intervals)")
 
 
 
@@ -467,8 +563,6 @@ def build_record(res: MatrixResult, row_langs: list[str], seeds: list[int], ns, 
     per_seed = {str(s): {"rows": row_langs, "ppl": _round(torch.stack([ppl[names.index(f"random[{s}]:{c}")]
                                                                        for c in row_langs])) if row_langs else []}
                 for s in seeds}
-    K = len(res.columns)
-    naive_seqs = 2 * (len(names) - 1) * sum(res.windows)
     return {
         "format": PPL_FORMAT,
         "rows": main,
@@ -495,16 +589,103 @@ def build_record(res: MatrixResult, row_langs: list[str], seeds: list[int], ns, 
                      "positions": "all", "window": cfg.window, "max_tokens": cfg.max_tokens,
                      "batch_size": cfg.batch_size, "seed": cfg.seed,
                      "sources": {s.code: s.spec for s in cfg.languages}},
-        "work": {"forward_passes": res.passes, "sequences": res.sequences, "seconds": round(res.seconds, 3),
-                 "naive_sequences": naive_seqs, "columns": K,
-                 "reused": "windows tokenised once per column; baseline once per column; rows stacked "
-                           "in shared forward passes (intervene_rows)"},
+        "work": _work(res),
     }
+
+
+def _work(res: MatrixResult) -> dict:
+    """``ppl.json``'s ``work``: what the matrix pass cost, and what ``K^2`` separate runs would have."""
+    return {"forward_passes": res.passes, "sequences": res.sequences, "seconds": round(res.seconds, 3),
+            "naive_sequences": 2 * (len(res.rows) - 1) * sum(res.windows), "columns": len(res.columns),
+            "reused": "windows tokenised once per column; baseline once per column; rows stacked "
+                      "in shared forward passes (intervene_rows)"}
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+# keys of a per-operator record that every operator shares (kept once, at the top level of ppl.json)
+_SHARED_KEYS = ("format", "columns", "languages", "tokens", "windows", "settings", "work")
+
+
+def operator_rows(res: MatrixResult, spec: str) -> MatrixResult:
+    """The baseline and operator ``spec``'s rows of a sweep's matrix, named as in a one-operator run
+    (``OP|code`` -> ``code``); the cost fields are the whole pass's."""
+    pre = f"{spec}{SWEEP_SEP}"
+    idx = [0] + [i for i, r in enumerate(res.rows) if r.startswith(pre)]
+    if res.rows[0] != "baseline" or len(idx) == 1:
+        raise ValueError(f"no rows of operator {spec!r} in the matrix")
+    names = ["baseline"] + [res.rows[i][len(pre):] for i in idx[1:]]
+    return MatrixResult(rows=names, columns=res.columns, nll_sum=res.nll_sum[idx], tokens=res.tokens,
+                        windows=res.windows, passes=res.passes, sequences=res.sequences, seconds=res.seconds,
+                        window_nll=[w[idx] for w in res.window_nll])
+
+
+def sweep_summary(res: MatrixResult, specs: list[str], row_langs: list[str], records: dict, seed: int = 0,
+                  n_boot: int = N_BOOT) -> dict:
+    """``ppl.json``'s ``sweep`` (module docstring): own / other damage, selectivity and row dominance
+    per operator with 95% intervals, from the replicates of :func:`replicate_nll` (the paired window
+    bootstrap of :func:`build_record`: the same seeded draws, shared by every operator's rows).
+    ``records``: each operator's :func:`build_record` document (its dominance count and interval are
+    taken from there, its matrices go to ``per_operator``)."""
+    common = [k for k in row_langs if k in res.columns]
+    m = len(common)
+    rep = replicate_nll(res, seed, n_boot)                             # [B, R, C]: every row of the sweep
+    ci = [res.columns.index(k) for k in common]
+    off = ~np.eye(m, dtype=bool)
+    mean_nll = res.mean_nll.numpy()
+    base = res.rows.index("baseline")
+
+    def stats(d: np.ndarray):
+        """own, other of ``[..., m, m]`` delta matrices (None where undefined)."""
+        own = np.diagonal(d, axis1=-2, axis2=-1).mean(-1) if m else None
+        other = d[..., off].mean(-1) if m >= 2 else None
+        return own, other
+
+    def entry(point, reps) -> dict:
+        if point is None:
+            return {"value": None, "ci95": None}
+        return {"value": round(float(point), 6), "ci95": _ci(reps)}
+
+    out = {"operators": list(specs), "languages": common, "own": {}, "other": {}, "selectivity": {},
+           "row_dominance": {}, "per_operator": {}}
+    for spec in specs:
+        ri = [res.rows.index(f"{spec}{SWEEP_SEP}{k}") for k in common]
+        point = mean_nll[ri][:, ci] - mean_nll[base, ci]                # [m, m] delta NLL
+        reps = rep[:, ri][:, :, ci] - rep[:, base, ci][:, None, :]      # [B, m, m], paired
+        own, other = stats(point)
+        own_r, other_r = stats(reps)
+        out["own"][spec] = entry(own, own_r)
+        out["other"][spec] = entry(other, other_r)
+        out["selectivity"][spec] = entry(None if own is None or other is None else own - other,
+                                         None if own is None or other is None else own_r - other_r)
+        out["row_dominance"][spec] = dict(records[spec]["headline"]["row_dominance"])
+        out["per_operator"][spec] = {k: v for k, v in records[spec].items() if k not in _SHARED_KEYS}
+    out["definition"] = (f"delta NLL on the {m} languages that are both rows and columns: own = mean of the "
+                         "diagonal, other = mean of the off-diagonal cells, selectivity = own - other; "
+                         "row_dominance as in diagonal_dominance")
+    out["intervals"] = (f"95% percentile bootstrap over held-out windows (paired across rows and operators); "
+                        f"B={rep.shape[0]}")
+    return out
+
+
+def build_sweep_record(res: MatrixResult, specs: list[str], row_langs: list[str], seeds: list[int], ns,
+                       cfg: PPLConfig, adapter) -> dict:
+    """``ppl.json`` of a sweep: the first operator's :func:`build_record` document at the top level (its
+    ``work``: the whole pass) plus ``sweep`` (:func:`sweep_summary`)."""
+    records = {spec: build_record(operator_rows(res, spec), row_langs, seeds, ns, cfg, spec, adapter)
+               for spec in specs}
+    record = dict(records[specs[0]])
+    record["work"] = _work(res)
+    record["sweep"] = sweep_summary(res, specs, row_langs, records, cfg.seed)
+    return record
 
 
 def print_summary(record: dict, file=None) -> None:
     """A plain-text table of PPL per row and column."""
     file = file if file is not None else sys.stdout
+    sweep = record.get("sweep")
+    if sweep:
+        print(f"operator {sweep['operators'][0]} (the first of the sweep; every operator's matrices: "
+              "sweep.per_operator in ppl.json)", file=file)
     cols = record["columns"]
     w = max(8, max(len(r) for r in record["rows"]) + 1)
     print("PPL".ljust(w) + "".join(c.rjust(10) for c in cols), file=file)
@@ -531,3 +712,26 @@ def print_summary(record: dict, file=None) -> None:
         if own:
             print(f"own damage above random: {own['count']}/{own['of']} "
                   f"(intervals separated for {own['separated']})", file=file)
+    if sweep:
+        print_sweep(sweep, file=file)
+
+
+def print_sweep(sweep: dict, file=None) -> None:
+    """The sweep table: operator, own [ci], other [ci], selectivity [ci], row dominance [ci]."""
+    file = file if file is not None else sys.stdout
+
+    def cell(e) -> str:
+        if e is None or e.get("value") is None:
+            return "-"
+        c = e.get("ci95")
+        return f"{e['value']:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+    w = max(10, max(len(o) for o in sweep["operators"]) + 2)
+    print(f"deactivation-value sweep (delta NLL on {len(sweep['languages'])} languages, 95% CI; "
+          "selectivity = own - other):", file=file)
+    print("operator".ljust(w) + "own".ljust(26) + "other".ljust(26) + "selectivity".ljust(26) + "row dominance",
+          file=file)
+    for o in sweep["operators"]:
+        d = sweep["row_dominance"][o]
+        dom = f"{d['count']}/{d['of']}" + (f" [{d['ci95'][0]}, {d['ci95'][1]}]" if d.get("ci95") else "")
+        print(o.ljust(w) + cell(sweep["own"][o]).ljust(26) + cell(sweep["other"][o]).ljust(26)
+              + cell(sweep["selectivity"][o]).ljust(26) + dom, file=file)

@@ -18,9 +18,26 @@ OUT gets ppl.json (ppl, mean_nll, delta_ppl, delta_nll, diagonal dominance, per-
 settings) and ppl.png (delta NLL heatmap). Every finished column is checkpointed in OUT/.partial:
 after an interruption, rerun the same command and only the missing columns are computed.
 
+Deactivation-value sweep: which replacement value truly deactivates a neuron? (Mondal et al. 2025,
+open question 2: writing 0 is not "off" for neurons whose typical activation is far from 0, and a
+low percentile such as P10 hurts too.) Give --operator a comma-separated list, e.g.
+--operator zero,set:p1,set:p5,set:p10,set:p25,set:p50 (statistic operators need --stats). Every
+operator's rows are stacked into the same pass over the windows (rows OP|code; the baseline once;
+random controls per operator), so the sweep costs one pass with more rows, not one run per
+operator. ppl.json keeps the first operator's record at the top level (as a one-operator run) and
+adds "sweep": per operator, on the languages that are both rows and columns, own-language damage
+(mean diagonal delta NLL), other-language damage (mean off-diagonal delta NLL), selectivity
+(own - other) and the row-dominance count, each with a 95% paired window-bootstrap interval, plus
+every operator's matrices (sweep.per_operator). A value that deactivates the language should give
+high own damage and low other damage; one that merely breaks the model raises both.
+ppl_sweep.png plots own and other damage per operator; ppl.png then stacks every operator's rows.
+
 example:
   langneurons ppl --model runs/model --neurons runs/lape.json --lang en=heldout/en.txt \\
       --lang zh=heldout/zh.txt --out runs/ppl --window 512 --max-tokens 100000 --random-seeds 0,1,2
+  langneurons ppl --model runs/model --neurons runs/lape.json --stats runs/stats \\
+      --lang en=heldout/en.txt --lang zh=heldout/zh.txt --out runs/ppl-sweep --random-seeds 0 \\
+      --operator zero,set:p1,set:p5,set:p10,set:p25,set:p50
 """
 
 
@@ -45,7 +62,8 @@ def register(sub) -> None:
     p.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
                    help="an evaluated language and its held-out text (repeat per language)")
     add_out(p, "output directory")
-    add_operator(p, "zero", "operator written into the row's neurons [zero]")
+    add_operator(p, "zero", "operator written into the row's neurons [zero]; a comma-separated list "
+                            "(zero,set:p10,set:p50) runs a deactivation-value sweep in one pass (see below)")
     p.add_argument("--site", default="act", help="site written: pre | act (default) | product")
     p.add_argument("--rows", default=None, help="comma-separated languages of the neuron set to use as rows [all]")
     p.add_argument("--random-seeds", default="0,1,2", help="seeds of matched random-control rows, or none [0,1,2]")
@@ -58,13 +76,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _is_sweep(text) -> bool:
+    """Whether --operator names several operators (a sweep also writes ppl_sweep.png)."""
+    return isinstance(text, str) and len([o for o in text.split(",") if o.strip()]) > 1
+
+
 def check_outputs(args) -> str:
     """Refuse a bad --out before any model or corpus is read; return the command's key."""
     from ..outputs import check_dir, command_key, lang_inputs
     key = command_key(args)
     check_dir(args.out, inputs=[("model directory", args.model), ("neuron-set file", args.neurons),
                                 ("statistics directory", args.stats), *lang_inputs(args.lang)],
-              writes=["ppl.json", "ppl.png"], key=key, overwrite=args.overwrite, what="the perplexity matrix")
+              writes=["ppl.json", "ppl.png"] + (["ppl_sweep.png"] if _is_sweep(args.operator) else []), key=key,
+              overwrite=args.overwrite, what="the perplexity matrix")
     return key
 
 
