@@ -126,7 +126,13 @@ def test_results_paragraph_states_findings_with_intervals(run_dir):
                               "zh": {"delta_nll": 0.7, "random_delta_nll": 0.03, "separated": True}},
                 "headline": {"row_dominance": {"count": 2, "of": 2, "ci95": [1, 2]},
                              "own_above_random": {"count": 2, "separated": 2, "of": 2}},
-                "settings": {**ppl["settings"], "neuron_method": "lape"}})
+                "settings": {**ppl["settings"], "neuron_method": "lape"},
+                "sweep": {"operators": ["zero", "set:p10"],
+                          "own": {"zero": {"value": 0.6, "ci95": [0.5, 0.7]}, "set:p10": {"value": 0.3, "ci95": [0.2, 0.4]}},
+                          "other": {"zero": {"value": 0.1, "ci95": [0.0, 0.2]}, "set:p10": {"value": 0.2, "ci95": [0.1, 0.3]}},
+                          "selectivity": {"zero": {"value": 0.5, "ci95": [0.4, 0.6]},
+                                          "set:p10": {"value": 0.1, "ci95": [0.0, 0.2]}},
+                          "row_dominance": {"zero": {"count": 2, "of": 2}, "set:p10": {"count": 1, "of": 2}}}})
     (run_dir / "ppl.json").write_text(json.dumps(ppl))
     steer = json.loads((run_dir / "steer.json").read_text())
     steer["operators"]["set:p_max"].update({
@@ -144,10 +150,12 @@ def test_results_paragraph_states_findings_with_intervals(run_dir):
     assert "random neuron sets of the same size per layer for 2 of 2, with non-overlapping 95% intervals for 2" in text
     assert "set:p_max 0.40 [0.31, 0.49] (4.0x, separated)" in text and "against 0.10 [0.08, 0.12] unsteered" in text
     assert "set:p_max 0.88 [0.80, 0.94]" in text
+    assert "zero 0.500 [0.400, 0.600], set:p10 0.100 [0.000, 0.200]; zero deactivated most selectively" in text
     assert str(run_dir) not in text
     page = render_report(run_dir).read_text(encoding="utf-8")
     results = page[page.index("<h2>Results</h2>"):page.index("What the run holds")]
     assert "0.40 [0.31, 0.49]" in results and "95% bootstrap intervals" in results
+    assert "deactivation-value sweep" in page and ">1/2</td>" in page
     # the model's recipe as a table, held-out quality with intervals, steered vs unsteered side by side
     assert '<th class="l">vocab_size</th><td>4096</td>' in page and "{&quot;" not in page
     assert "41.5 [38.0, 45.5]" in page and "0.90 [0.80, 1.00]" in page and "was cold." in page

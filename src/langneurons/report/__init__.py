@@ -128,6 +128,13 @@ def results_sentences(groups: dict) -> list[str]:
         if own is not None and rnd is not None:
             text += f" (mean own ΔNLL {own:.3f} nats/token against {rnd:.3f} for the random sets)"
         out.append(text + ".")
+        sw = _dict(d.get("sweep"))
+        sel = {op: _dict(v) for op, v in _dict(sw.get("selectivity")).items() if _is_num(_dict(v).get("value"))}
+        if len(sel) > 1:
+            best = max(sel, key=lambda op: sel[op]["value"])
+            out.append("Across the deactivation values swept, own-minus-other-language damage (nats/token) was "
+                       + ", ".join(f"{op} {_ci(v['value'], v.get('ci95'))}" for op, v in sel.items())
+                       + f"; {best} deactivated most selectively.")
     for it in groups.get("steer", []):
         d = it.doc
         ops = _dict(d.get("operators"))

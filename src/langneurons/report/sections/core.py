@@ -126,6 +126,20 @@ def section_ppl(items: list, ctx: Context) -> str:
                        + (f", {seeds} random seeds" if seeds else "") + ")</h4>")
             out.append(table(vs_rows, ["own neurons", "random neurons", "difference", "separated"], list(vs),
                              "language"))
+        sw = _dict(d.get("sweep"))
+        if sw.get("operators"):
+            ops = [o for o in sw["operators"] if isinstance(o, str)]
+
+            def cell(key, op):
+                v = _dict(_dict(sw.get(key)).get(op))
+                return _ci(v.get("value"), v.get("ci95"))
+            dom_rows = [_dict(_dict(sw.get("row_dominance")).get(op)) for op in ops]
+            out.append("<h4>deactivation-value sweep: own- vs other-language damage per operator (mean ΔNLL, "
+                       "nats/token; 95% intervals paired over windows)</h4>")
+            out.append(table([[cell("own", op), cell("other", op), cell("selectivity", op),
+                               f"{r.get('count')}/{r.get('of')}" if r else None] for op, r in zip(ops, dom_rows)],
+                             ["own language", "other languages", "selectivity (own - other)", "row dominance"],
+                             ops, "operator"))
         ci = d.get("delta_nll_ci95")
         if isinstance(ci, list) and rows_ok(ci, rows):
             cells = [[_ci(v, c) for v, c in zip(vr, cr)] for vr, cr in zip(d["delta_nll"], ci)]
