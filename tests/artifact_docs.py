@@ -26,6 +26,42 @@ def _task():
             "fraction_metrics": ["acc"], "languages": ["zh"], "rows": rows}
 
 
+def _compare():
+    """A two-method, two-target scoreboard in the shape ``langneurons compare`` writes."""
+    def row(method, kind, target, share, units, params):
+        r = {"method": method, "target": target, "kind": kind}
+        for k, v in (("share", share), ("share_delta", share - 0.25), ("fluency_nll", 5.5), ("fluency_delta", 0.25),
+                     ("steer_own_dnll", -0.125), ("steer_other_dnll", 0.0625), ("deact_own_dnll", 0.5),
+                     ("deact_other_dnll", 0.03125), ("deact_selectivity", 0.46875)):
+            r[k], r[k + "_ci95"] = v, [v - 0.0625, v + 0.0625]
+        r["deact_own_vs_random"] = 0.375 if kind == "neurons" else None
+        r["deact_own_vs_random_ci95"] = [0.3125, 0.4375] if kind == "neurons" else None
+        r["budget_units"], r["budget_params"] = units, params
+        return r
+    rows = [row("lape:set:p_max", "neurons", "en", 0.625, 12, 12), row("lape:set:p_max", "neurons", "zh", 0.75, 9, 9),
+            row("diffmean", "diffmean", "en", 0.875, 1, 16), row("diffmean", "diffmean", "zh", 0.9375, 1, 16)]
+    summary = {}
+    for m in ("lape:set:p_max", "diffmean"):
+        mine = [r for r in rows if r["method"] == m]
+        summary[m] = {}
+        for k, v in mine[0].items():
+            if k in ("method", "target", "kind") or k.endswith("_ci95"):
+                continue
+            vals = [r[k] for r in mine]
+            summary[m][k] = None if None in vals else sum(vals) / len(vals)
+            if k + "_ci95" in mine[0]:
+                summary[m][k + "_ci95"] = (None if summary[m][k] is None else
+                                           [summary[m][k] - 0.0625, summary[m][k] + 0.0625])
+    return {"format": A.COMPARE_FORMAT, "methods": ["lape:set:p_max", "diffmean"], "targets": ["en", "zh"],
+            "metrics": {"share": "target share of generations", "deact_own_dnll": "own-language ΔNLL"},
+            "rows": rows, "summary": summary, "skipped": {"arith:add": "language arithmetic is not available"},
+            "baseline": {"share": {"en": 0.5, "zh": 0.125}, "share_ci95": {"en": [0.375, 0.625], "zh": [0.0, 0.25]},
+                         "fluency_nll": 5.25, "fluency_nll_ci95": [5.0, 5.5]},
+            "details": {"lape:set:p_max": {"kind": "neurons", "neurons": "lape", "operator": "set:p_max"},
+                        "diffmean": {"kind": "diffmean", "layer": 2, "alpha": 4.0}},
+            "settings": {"model": "tiny-demo", "direction_layer": 2, "alpha": 4.0, "generations_per_target": 16}}
+
+
 def _cell(mean, sd, diff=None):
     c = {"mean": mean, "sd": sd, "per_seed": [mean - sd, mean + sd], "n": 20}
     if diff is not None:
@@ -59,6 +95,7 @@ def hand_made(run_dir: Path) -> dict[str, dict]:
         "steer": {"format": A.STEER_FORMAT, "languages": ["en", "zh"],
                   "operators": {"set:p_max": {"lss": [[None, 0.9375], [0.8125, None]],
                                               "lss_by_target": {"en": 0.8125, "zh": 0.9375}, "lss_mean": 0.875}}},
+        "compare": _compare(),
         "task": _task(),
         "task.partial": {"format": A.TASK_PARTIAL_FORMAT, "key": "k", "rows": {"zh|none": _task()["rows"][0]}},
         "tiny": {"format": A.TINY_FORMAT, "languages": {"en": "en.txt", "zh": "zh.txt"},
@@ -126,6 +163,7 @@ def write_run_dir(run_dir: Path) -> dict[str, Path]:
              "directions": "directions/directions.json",
              "directions.checkpoint": "unfinished/directions.en.rank0.json",
              "ppl": "ppl/ppl.json", "ppl.partial": "unfinished/ppl.json", "steer": "steer/steer.json",
+             "compare": "compare/compare.json",
              "task": "eval/xcopa.json", "task.partial": "unfinished/xcopa.json", "tiny": "model/langneurons_train.json",
              "masked_lora": "ft/langneurons_mask.json", "finetune.run": "ft/langneurons_finetune.json",
              "finetune.eval": "ft/eval.json", "finetune.run_scores": "exp/runs/ln-source/seed0/eval_scores.json",

@@ -20,6 +20,7 @@ intervention             ``Intervention.to_dict()``           library (embedded 
 ppl                      ``ppl.json``                         ``ppl``
 ppl.partial              ``.partial/ppl.json``                ``ppl`` (until every column is done)
 steer                    ``steer.json``                       ``steer``
+compare                  ``compare.json``                     ``compare``
 task                     ``TASK.json``                        ``eval``
 task.partial             ``.partial/TASK.json``               ``eval`` (until every row is done)
 tiny                     ``langneurons_train.json``           ``tiny-train``
@@ -70,6 +71,7 @@ INTERVENTION_FORMAT = "langneurons.intervention.v1"
 PPL_FORMAT = "langneurons.ppl.v1"
 PPL_PARTIAL_FORMAT = "langneurons.ppl.partial.v1"
 STEER_FORMAT = "langneurons.steer.v1"
+COMPARE_FORMAT = "langneurons.compare.v1"
 TASK_FORMAT = "langneurons.task.v1"
 TASK_PARTIAL_FORMAT = "langneurons.task.partial.v1"
 TINY_FORMAT = "langneurons.tiny.v1"
@@ -130,6 +132,8 @@ _KINDS = [
     Kind(PPL_FORMAT, "ppl.json", "ppl", "Perplexity under deactivation", "core.section_ppl",
          {"rows": _L, "columns": _L, "ppl": _L}),
     Kind(STEER_FORMAT, "steer.json", "steer", "Steering", "core.section_steer", {"languages": _L}),
+    Kind(COMPARE_FORMAT, "compare.json", "compare", "Localisation methods compared", "compare.section_compare",
+         {"methods": _L, "targets": _L, "rows": _L}, loader="langneurons.compare:validate_doc"),
     Kind(TASK_FORMAT, "TASK.json", "eval", "Downstream tasks", "core.section_task",
          {"task": _S, "languages": _L, "metrics": _L, "rows": _L}),
     Kind(FINETUNE_EXPERIMENT_FORMAT, "results.json", "finetune experiment", "Fine-tuning experiments",

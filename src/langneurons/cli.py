@@ -15,8 +15,8 @@ from . import __version__
 from .errors import UserError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("collect", "identify", "neurons", "ppl", "steer", "eval", "finetune", "bridge", "directions", "report",
-            "tiny_train", "demo")
+COMMANDS = ("collect", "identify", "neurons", "ppl", "steer", "compare", "eval", "finetune", "bridge", "directions",
+            "report", "tiny_train", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

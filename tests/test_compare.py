@@ -1,0 +1,286 @@
+"""``langneurons compare``: one scoreboard of neuron sets, random controls, DiffMean directions and
+language arithmetic on the demo model (three targets, a few generations: well under a minute)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from langneurons.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["en", "de", "zh"]
+CLOZE = [
+    {"id": "1", "lang": {"en": {"prompt": "one, two, three,", "object": "four"},
+                         "de": {"prompt": "eins, zwei, drei,", "object": "vier"},
+                         "zh": {"prompt": "一、二、三、", "object": "四", "sep": ""}}},
+    {"id": "2", "lang": {"en": {"prompt": "red, blue, green,", "object": "yellow"},
+                         "de": {"prompt": "rot, blau, grün,", "object": "gelb"},
+                         "zh": {"prompt": "红、蓝、绿、", "object": "黄", "sep": ""}}},
+    {"id": "3", "lang": {"en": {"prompt": "The house is", "object": "big"},
+                         "de": {"prompt": "Das Haus ist", "object": "groß"},
+                         "zh": {"prompt": "房子很", "object": "大", "sep": ""}}},
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(demo_model, demo_stats, tmp_path_factory):
+    """Two neuron sets of the demo model, its DiffMean directions (a small ``directions collect`` on
+    its held-out text), a cloze file, and the held-out arguments."""
+    from langneurons.identify import select
+    from langneurons.stats import ActivationStats
+    d = tmp_path_factory.mktemp("compare")
+    st = ActivationStats.load(demo_stats)
+    select("lape", st, top_rate=0.1).save(d / "lape.json")
+    select("top-prob", st, top_rate=0.01).save(d / "top.json")
+    held = Path(demo_model) / "heldout"
+    assert main(["directions", "collect", "--model", str(demo_model), "--device", "cpu", "--out", str(d / "dirs"),
+                 "--window", "32", "--max-tokens", "2048", "--no-cache", "--quiet",
+                 *[a for c in TARGETS for a in ("--lang", f"{c}={held / (c + '.txt')}")]]) == 0
+    (d / "cloze.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in CLOZE), encoding="utf-8")
+    base = ["compare", "--model", str(demo_model), "--device", "cpu", "--languages", ",".join(TARGETS),
+            *[a for c in TARGETS + ["fr"] for a in ("--held-out", f"{c}={held / (c + '.txt')}")],
+            "--stats", str(demo_stats), "--window", "32", "--samples", "2", "--max-new-tokens", "8", "--quiet"]
+    return {"d": d, "model": str(demo_model), "stats": str(demo_stats), "base": base}
+
+
+@pytest.fixture(scope="module")
+def run(inputs):
+    """Every default method: lape and top-prob under set:max, random:lape (2 seeds), diffmean, arithmetic."""
+    d = inputs["d"]
+    out = d / "out"
+    argv = inputs["base"] + ["--neurons", f"lape={d / 'lape.json'}", "--neurons", f"top={d / 'top.json'}",
+                             "--directions", str(d / "dirs"), "--cloze", str(d / "cloze.jsonl"),
+                             "--random-seeds", "0,1", "--out", str(out)]
+    assert main(argv) == 0
+    from langneurons import artifacts
+    return {"out": out, "doc": artifacts.load(out / "compare.json", "compare")}
+
+
+def test_rows_for_every_method_and_target_with_metrics_inside_their_intervals(run):
+    from langneurons.compare import INTERVAL_METRICS, METRICS
+    doc = run["doc"]
+    expected = ["lape:set:max", "top:set:max", "random:lape", "diffmean", "arith:add", "arith:mul"]
+    assert set(doc["methods"]) | set(doc["skipped"]) == set(expected)
+    assert {"lape:set:max", "top:set:max", "random:lape", "diffmean"} <= set(doc["methods"])
+    for m, why in doc["skipped"].items():            # only language arithmetic may be unavailable
+        assert m.startswith("arith:") and why
+    assert doc["targets"] == TARGETS
+    assert sorted((r["method"], r["target"]) for r in doc["rows"]) == sorted(
+        (m, t) for m in doc["methods"] for t in TARGETS)
+    checked = 0
+    for r in doc["rows"]:
+        for k in INTERVAL_METRICS:
+            assert k in r and k + "_ci95" in r, (r["method"], k)
+            v, ci = r[k], r[k + "_ci95"]
+            if k == "deact_own_vs_random" and r["kind"] in ("random", "diffmean"):
+                assert v is None and ci is None
+                continue
+            assert isinstance(v, float) and ci is not None, (r["method"], r["target"], k)
+            assert ci[0] <= v <= ci[1], (r["method"], r["target"], k, v, ci)
+            checked += 1
+    assert checked >= len(doc["rows"]) * 10
+    # the summary: the mean over targets, inside its (joint) interval
+    for m in doc["methods"]:
+        s = doc["summary"][m]
+        mine = [r for r in doc["rows"] if r["method"] == m]
+        assert s["share"] == pytest.approx(sum(r["share"] for r in mine) / len(mine), abs=1e-5)
+        for k in INTERVAL_METRICS:
+            if s.get(k) is not None:
+                assert s[k + "_ci95"][0] <= s[k] <= s[k + "_ci95"][1], (m, k)
+    assert set(doc["metrics"]) == set(METRICS)
+    # the same unsteered runs for every method: the baseline share is one number per target
+    assert set(doc["baseline"]["share"]) == set(TARGETS)
+    n = doc["settings"]["generations_per_target"]
+    assert n == len(doc["generations"]["prompts"]) == len(doc["generations"]["baseline"]) == 2 * 8
+    assert (run["out"] / "compare.png").stat().st_size > 1000
+
+
+def test_directions_steer_and_ablation_deactivates(run):
+    doc = run["doc"]
+    st = doc["settings"]
+    assert st["direction_layer"] == max(range(len(st["direction_layer_ratios"])),
+                                        key=lambda l: st["direction_layer_ratios"][l])
+    s = doc["summary"]
+    # alpha = 4 mean residual norms: the steered generations are in the target language far more often
+    assert s["diffmean"]["share_delta_ci95"][0] > 0
+    # removing a language's direction hurts that language more than the others
+    assert s["diffmean"]["deact_selectivity_ci95"][0] > 0
+
+
+def test_budgets(run, inputs):
+    from langneurons.neuronset import NeuronSet
+    doc = run["doc"]
+    sets = {"lape": NeuronSet.load(inputs["d"] / "lape.json"), "top": NeuronSet.load(inputs["d"] / "top.json")}
+    rows = {(r["method"], r["target"]): r for r in doc["rows"]}
+    from langneurons.directions import Directions
+    hidden = Directions.load(inputs["d"] / "dirs").hidden_size
+    for t in TARGETS:
+        for name, ns in sets.items():
+            r = rows[(f"{name}:set:max", t)]
+            assert r["budget_units"] == r["budget_params"] == ns.total(t)
+        assert rows[("random:lape", t)]["budget_units"] == rows[("lape:set:max", t)]["budget_units"]
+        assert rows[("diffmean", t)]["budget_units"] == 1 and rows[("diffmean", t)]["budget_params"] == hidden
+        if ("arith:add", t) in rows:      # the target's and the other targets' neurons
+            union = sets["lape"].mask(t).clone()
+            for s in TARGETS:
+                union |= sets["lape"].mask(s)
+            assert rows[("arith:add", t)]["budget_units"] == int(union.sum())
+
+
+def test_fluency_is_the_unsteered_nll_of_the_recorded_generations(run, inputs):
+    from langneurons.runtime import ModelOptions, open_session
+    doc = run["doc"]
+    session = open_session(ModelOptions(inputs["model"], device="cpu"), batch_size=4)
+    row = next(r for r in doc["rows"] if r["method"] == "diffmean" and r["target"] == "zh")
+    texts = doc["generations"]["steered"]["diffmean"]["zh"][0]
+    assert len(texts) == doc["settings"]["generations_per_target"] and any(t.strip() for t in texts)
+    nll = tokens = 0.0
+    for text in texts:                              # one at a time, no padding: an independent computation
+        ids = torch.tensor([session.prompt_ids("") + session.encode(text)])
+        s, n = session.token_nll(ids)
+        nll, tokens = nll + float(s[0]), tokens + int(n[0])
+    assert row["fluency_nll"] == pytest.approx(nll / tokens, rel=1e-5)
+    base = doc["generations"]["baseline"]
+    nll0 = tok0 = 0.0
+    for text in base:
+        s, n = session.token_nll(torch.tensor([session.prompt_ids("") + session.encode(text)]))
+        nll0, tok0 = nll0 + float(s[0]), tok0 + int(n[0])
+    assert doc["baseline"]["fluency_nll"] == pytest.approx(nll0 / tok0, rel=1e-5)
+    assert row["fluency_delta"] == pytest.approx(nll / tokens - nll0 / tok0, abs=1e-4)
+
+
+def test_direction_ablation_removes_the_direction(demo_model, inputs):
+    from langneurons.compare import DirectionAblation, intervened
+    from langneurons.directions import Directions, diffmean
+    from langneurons.hooks import observe_residual
+    from langneurons.runtime import ModelOptions, open_session
+    session = open_session(ModelOptions(str(demo_model), device="cpu"), batch_size=4)
+    dirs = Directions.load(inputs["d"] / "dirs")
+    layer = 1
+    ab = DirectionAblation(dirs, "zh", [layer])
+    u = diffmean(dirs, "zh", layer, normalise=True).float()
+    ids = torch.tensor([session.prompt_ids("你好，世界。这是一个测试。")])
+    seen = {}
+
+    def grab(l, h):
+        seen[l] = h.clone()
+    with intervened(session, ab), observe_residual(session.adapter, grab, [layer]):
+        session.forward(ids)
+    after = seen[layer]
+    with observe_residual(session.adapter, grab, [layer]):
+        logits0 = session.forward(ids)
+    before = seen[layer]
+    assert float((before @ u).abs().max()) > 1e-2
+    assert float((after @ u).abs().max()) < 1e-4
+    # only the component along u changed
+    assert torch.allclose(after, before - (before @ u).unsqueeze(-1) * u, atol=1e-4)
+    with intervened(session, None):
+        assert torch.equal(session.forward(ids), logits0)
+
+
+def test_report_renders_the_scoreboard(run):
+    from langneurons.report import render_report
+    page = render_report(run["out"]).read_text(encoding="utf-8")
+    assert "<h2>Localisation methods compared</h2>" in page
+    sec = page[page.index("Localisation methods compared"):]
+    assert "mean over targets" in sec and "random:lape" in sec and "diffmean" in sec
+    assert "compare.png" in sec and "data:image/png;base64" in sec
+    assert 'class="err"' not in page and "Other files" not in page and "Figures" not in page
+    r = next(r for r in run["doc"]["rows"] if r["method"] == "lape:set:max" and r["target"] == "zh")
+    assert f"{r['share']:.3f} [{r['share_ci95'][0]:.3f}, {r['share_ci95'][1]:.3f}]" in sec
+
+
+def test_help_documents_every_metric_with_its_formula(capsys):
+    from langneurons.compare import METRICS
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for k, v in METRICS.items():
+        assert k in text and v.split(":")[0][:40] in " ".join(text.split())
+    assert "h_L - (h_L . u) u" in text and "argmax_l" in text
+
+
+def _other_directions(path: Path) -> Path:
+    from langneurons.artifacts import DIRECTIONS_FORMAT
+    from langneurons.directions import Directions, ResidualSums
+    sums = {}
+    for k, c in enumerate(TARGETS):
+        s = ResidualSums(2, 5)
+        s.sum += torch.arange(10, dtype=torch.float64).reshape(2, 5) * (k + 1)
+        s.norm_sum += 3.0
+        s.add_tokens(10)
+        sums[c] = s
+    meta = {"format": DIRECTIONS_FORMAT, "num_layers": 2, "hidden_size": 5,
+            "model": {"name_or_path": "another-model", "fingerprint": "0" * 16}, "languages": [], "token_counts": {}}
+    path.mkdir()
+    Directions(meta, sums).save(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown-method", "other-model-neurons", "other-model-directions", "alpha",
+                                  "cloze-missing-target", "diffmean-without-directions"])
+def test_bad_input_is_one_line_exit_2(case, inputs, tmp_path, capsys):
+    from langneurons.neuronset import NeuronSet
+    d = inputs["d"]
+    out = tmp_path / "out"
+    lape = ["--neurons", f"lape={d / 'lape.json'}"]
+    extra, fragment = {
+        "unknown-method": (lape + ["--methods", "lape:set:max,nosuch"], "unknown method 'nosuch'"),
+        "other-model-neurons": (["--neurons", f"x={tmp_path / 'other.json'}"], "other.json"),
+        "other-model-directions": (lape + ["--directions", str(tmp_path / "dirs")], "another model"),
+        "alpha": (lape + ["--alpha", "four"], "--alpha"),
+        "cloze-missing-target": (lape + ["--cloze", str(tmp_path / "cloze.jsonl")], "target(s) zh"),
+        "diffmean-without-directions": (lape + ["--methods", "diffmean"], "--directions"),
+    }[case]
+    if case == "other-model-neurons":
+        NeuronSet({c: [[0, 1]] for c in TARGETS}, {"num_layers": 2, "width": 7, "site": "act"},
+                  {"name": "x"}).save(tmp_path / "other.json")
+    if case == "other-model-directions":
+        _other_directions(tmp_path / "dirs")
+    if case == "cloze-missing-target":
+        items = [{"id": x["id"], "lang": {c: v for c, v in x["lang"].items() if c != "zh"}} for x in CLOZE]
+        (tmp_path / "cloze.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    rc = main(inputs["base"] + extra + ["--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("langneurons: error:"), err
+    assert fragment in err[0], err[0]
+    assert not out.exists()
+
+
+def test_unavailable_arithmetic_is_skipped_with_the_reason(inputs, tmp_path, monkeypatch):
+    """An older langneurons without language arithmetic: the method is listed under skipped."""
+    import langneurons.steer as S
+    real = S.build_interventions
+
+    def no_arith(ns, stats, languages, operators, **kw):
+        if any(str(o).startswith("arith") for o in operators):
+            raise AttributeError("module 'langneurons.intervene' has no attribute 'ArithmeticIntervention'")
+        return real(ns, stats, languages, operators, **kw)
+    monkeypatch.setattr(S, "build_interventions", no_arith)
+    d = inputs["d"]
+    out = tmp_path / "out"
+    assert main(inputs["base"] + ["--neurons", f"lape={d / 'lape.json'}", "--methods", "lape:zero,arith:add",
+                                  "--random-seeds", "none", "--languages", "en,zh", "--out", str(out)]) == 0
+    doc = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    assert doc["methods"] == ["lape:zero"] and "ArithmeticIntervention" in doc["skipped"]["arith:add"]
+    assert all(r["deact_own_vs_random"] is None for r in doc["rows"])           # no random seeds
+    # zero on the target's neurons steers and deactivates alike: the same windows give the same ΔNLL
+    for r in doc["rows"]:
+        assert r["steer_own_dnll"] == pytest.approx(r["deact_own_dnll"], abs=1e-9)
+        assert math.isfinite(r["fluency_nll"])
+
+
+def test_experiment_imports_and_has_help(capsys):
+    spec = importlib.util.spec_from_file_location("compare_shared8", REPO / "experiments" / "compare_shared8.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0 and "compare" in capsys.readouterr().out
