@@ -34,7 +34,7 @@ DiffMean layer ``L`` (``--direction-layer``; default chosen on the artifact, bef
 ``L = argmax_l mean_t ||v_l(t)|| / rbar_l`` over the targets ``t`` (``v`` the DiffMean over every
 language of the artifact, ``rbar_l`` the artifact's mean residual norm at layer ``l``): the layer
 where the languages' mean states are furthest apart relative to the stream's scale. ``alpha``
-(``--alpha``, default 4.0) is in units of ``rbar_L``.
+(``--alpha``, default :data:`DEFAULT_ALPHA` = 0.5) is in units of ``rbar_L``.
 
 Metrics (per method and target; :data:`METRICS`)
 ------------------------------------------------
@@ -128,7 +128,10 @@ METRICS = {
 INTERVAL_METRICS = tuple(k for k in METRICS if not k.startswith("budget_"))
 #: Neuron-set names that would clash with other methods.
 RESERVED = ("random", "diffmean", "arith", "baseline")
-DEFAULT_ALPHA = 4.0
+#: Measured on the demo model (10 targets, last layer): alpha 0.5 gave a mean target share of 0.76
+#: [0.65, 0.85] at an other-language ΔNLL of 0.54 under steering; alpha 1, 0.86 at 2.28; alpha 4
+#: wrecked the other languages (ΔNLL ~6). 0.5 is the default; sweep it on your model.
+DEFAULT_ALPHA = 0.5
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 

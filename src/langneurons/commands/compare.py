@@ -23,7 +23,7 @@ t, a steering intervention, a deactivation intervention and a budget:
   diffmean       h_L <- h_L + alpha * rbar_L * v_L(t) / |v_L(t)| (--directions DIR from 'directions
                  collect'); deactivation: directional ablation h_L <- h_L - (h_L . u) u, u = v_L(t)/|v_L(t)|;
                  budget: 1 direction, H numbers. L = --direction-layer, default
-                 argmax_l mean_t |v_l(t)| / rbar_l on the artifact; alpha = --alpha [4.0], in units of
+                 argmax_l mean_t |v_l(t)| / rbar_l on the artifact; alpha = --alpha [0.5], in units of
                  the layer's mean residual norm rbar_L
   arith:add[*A], arith:mul[*A]
                  language arithmetic on the first neuron set (NAME:arith:... for another): the other
@@ -55,6 +55,7 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help=HELP, description=HELP, epilog=_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     from .options import add_languages, add_model_options, add_operator, add_out, add_seed
+    from ..compare import DEFAULT_ALPHA
     add_model_options(p, batch_size=16)
     add_languages(p, "target languages (at least two)", required=True)
     p.add_argument("--held-out", action="append", required=True, metavar="CODE=FILE", dest="held_out",
@@ -67,7 +68,8 @@ def register(sub) -> None:
     p.add_argument("--directions", type=Path, default=None, help="output of 'langneurons directions collect'")
     p.add_argument("--direction-layer", type=int, default=None, dest="direction_layer",
                    help="layer of the DiffMean method [argmax_l mean_t |v_l(t)| / rbar_l]")
-    p.add_argument("--alpha", default="4.0", help="DiffMean steering strength, x the layer's mean residual norm [4.0]")
+    p.add_argument("--alpha", default=str(DEFAULT_ALPHA),
+                   help=f"DiffMean steering strength, x the layer's mean residual norm [{DEFAULT_ALPHA:g}]")
     p.add_argument("--methods", default=None, help="comma-separated methods [every method the inputs allow]")
     add_operator(p, None, "steering operator(s) of the NAME:OP methods, comma-separated "
                           "[set:p_max with --sentence-stats, set:max with --stats, else scale:4]")
