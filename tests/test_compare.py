@@ -284,3 +284,28 @@ def test_experiment_imports_and_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         mod.main(["--help"])
     assert e.value.code == 0 and "compare" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scoreboard_on_shared8_model():
+    """Issue acceptance, on the 8-language model of experiments/shared8_ppl_steer.py (1500 steps;
+    about 15 minutes with the scoreboard, resumable in .cache/experiments/shared8): every method x
+    target row is complete, and DiffMean toward each target raises that target's generation share
+    above the unsteered share for at least 6 of the 8 targets."""
+    spec = importlib.util.spec_from_file_location("compare_shared8", REPO / "experiments" / "compare_shared8.py")
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    if exp.missing_data():
+        pytest.skip(f"needs {exp.missing_data()[0]} (the shared data)")
+    doc = exp.run(REPO / ".cache" / "experiments" / "shared8")
+    assert len(doc["targets"]) == 8 and "diffmean" in doc["methods"]
+    rows = {(r["method"], r["target"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, t) for m in doc["methods"] for t in doc["targets"]}
+    for r in doc["rows"]:
+        for k, v in r.items():
+            ci = r.get(k + "_ci95")
+            if isinstance(v, float) and ci:
+                assert ci[0] - 1e-9 <= v <= ci[1] + 1e-9, (r["method"], r["target"], k)
+    base = doc["baseline"]["share"]
+    raised = [t for t in doc["targets"] if rows[("diffmean", t)]["share"] > base[t]]
+    assert len(raised) >= 6, (raised, {t: (rows[("diffmean", t)]["share"], base[t]) for t in doc["targets"]})
