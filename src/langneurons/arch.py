@@ -25,6 +25,16 @@ Weight layouts (``gate_layout``): ``linear`` (``nn.Linear``, neuron ``j`` is row
 
 Unknown model types are auto-detected when they follow the usual layout; otherwise the user gives
 module path templates (``--arch layers=model.layers,act=mlp.act_fn,down=mlp.down_proj,...``).
+
+Attention heads (:data:`ATTN_OUT`, :meth:`Adapter.attention`). Every family of the table has a separate
+attention *output projection* (``o_proj``, GPT-2 ``c_proj``, ``dense``, OPT ``out_proj``), also those
+with a fused query-key-value projection (GPT-2, GPT-NeoX, BLOOM, Falcon, Phi-3). Its input is the
+concatenation of the heads' outputs, head-major: ``z = [z_0, ..., z_{n-1}]`` with ``n =
+num_attention_heads`` (under grouped-query attention too: keys and values are shared, head outputs are
+not), each ``z_h`` of ``head_dim`` columns. Head ``h`` adds ``c_h = W_O[:, h*d:(h+1)*d] z_h`` to the
+projection's output (the bias belongs to no head); GPT-2's ``Conv1D`` stores ``W_O`` transposed.
+The attention output projection is a sibling table so that the MLP spec (recorded in every statistics
+file) is unchanged; unknown model types are auto-detected, ``attn_out=PATH`` overrides.
 """
 
 from __future__ import annotations
@@ -85,6 +95,21 @@ ADAPTERS: dict[str, ArchSpec] = {
     "opt": _plain("decoder.layers", "fc1", "activation_fn", "fc2"),
     "falcon": _plain("h", "mlp.dense_h_to_4h", "mlp.act", "mlp.dense_4h_to_h"),
 }
+
+#: The attention output projection of each model type, relative to one decoder layer (see the module
+#: docstring): its input is the concatenation of the attention heads' outputs.
+ATTN_OUT: dict[str, str] = {
+    **{t: "self_attn.o_proj" for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "stablelm", "phi3")},
+    "phi": "self_attn.dense",
+    "gpt2": "attn.c_proj",
+    "gpt_neox": "attention.dense",
+    "bloom": "self_attention.dense",
+    "opt": "self_attn.out_proj",
+    "falcon": "self_attention.dense",
+}
+#: Last path components an auto-detected attention output projection may have.
+_ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out")
 
 #: Model types known to route tokens through expert MLPs.
 MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe",
@@ -238,6 +263,63 @@ class LayerModules:
     up: Optional[nn.Module]
 
 
+@dataclass
+class AttentionLayout:
+    """The attention output projections of a model and how its heads split their input.
+
+    ``path`` (relative to one decoder layer), ``source`` (``table`` | ``auto`` | ``override``),
+    ``num_heads`` ``n``, ``head_dim`` ``d``, ``layout`` (``linear`` or ``conv1d``) and ``modules`` (one
+    per layer). Head ``h`` owns the input columns ``h*d .. (h+1)*d - 1``.
+    """
+
+    path: str
+    source: str
+    num_heads: int
+    head_dim: int
+    layout: str
+    modules: list
+
+    @property
+    def width(self) -> int:
+        """Inputs of the output projection: ``n * d``."""
+        return self.num_heads * self.head_dim
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """``W_O`` of ``layer`` as ``[out, n * d]`` (``out = z @ W_O.T + b``), transposed back for Conv1D."""
+        w = self.modules[layer].weight
+        return w.t() if self.layout == "conv1d" else w
+
+    def head_weight(self, layer: int, head: int) -> torch.Tensor:
+        """``W_O[:, h*d:(h+1)*d]``: ``[out, d]``."""
+        d = self.head_dim
+        return self.weight(layer)[:, head * d:(head + 1) * d]
+
+    def columns(self, heads) -> torch.Tensor:
+        """LongTensor of the input columns of ``heads`` (each head's ``d`` columns, in the given order)."""
+        h = torch.as_tensor(list(heads) if not isinstance(heads, torch.Tensor) else heads, dtype=torch.long)
+        return (h.reshape(-1, 1) * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
+    def describe(self) -> dict:
+        return {"attn_out": self.path, "source": self.source, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "layout": self.layout}
+
+
+def _has_path(root: nn.Module, path: str) -> bool:
+    try:
+        get_path(root, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _num_heads(config) -> Optional[int]:
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 class Adapter:
     """A model together with its resolved architecture spec.
 
@@ -311,6 +393,72 @@ class Adapter:
         if site == "act" or not self.gated:
             return mods.act, "output"
         return mods.down, "input"
+
+    def attention(self, attn_out: Optional[str] = None) -> AttentionLayout:
+        """The attention output projections (:class:`AttentionLayout`), resolved on first use: ``attn_out``
+        (a path relative to one decoder layer, e.g. ``self_attn.o_proj``) overrides the table
+        (:data:`ATTN_OUT`) and auto-detection; the layout is kept for later calls without one.
+        Raises UserError when the model has no separate output projection whose input splits into heads.
+        """
+        cached = getattr(self, "_attention", None)
+        if cached is not None and (attn_out is None or attn_out == cached.path):
+            return cached
+        config = getattr(self.model, "config", None)
+        hint = ("give the module path of the attention output projection with --attn-out PATH (relative to "
+                "one decoder layer, e.g. self_attn.o_proj); its input must be the concatenation of the heads")
+        n = _num_heads(config)
+        if n is None:
+            raise UserError(f"cannot tell the number of attention heads of model type {self.model_type!r} "
+                            "(config.num_attention_heads); head units need it")
+        if attn_out is not None:
+            path, source = attn_out, "override"
+        elif self.model_type in ATTN_OUT and _has_path(self.layers[0].layer, ATTN_OUT[self.model_type]):
+            path, source = ATTN_OUT[self.model_type], "table"
+        else:
+            path, source = self._detect_attn_out(n, hint), "auto"
+        modules = []
+        for i, m in enumerate(self.layers):
+            try:
+                modules.append(get_path(m.layer, path))
+            except AttributeError:
+                raise UserError(f"layer {i} of model type {self.model_type!r} has no module {path!r}; {hint}") from None
+        width = in_features(modules[0])
+        if width is None or out_features(modules[0]) is None:
+            raise UserError(f"{path!r} of model type {self.model_type!r} is not a linear map (no 2-D weight); {hint}")
+        head_dim = getattr(config, "head_dim", None)
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim * n != width:
+            head_dim = width // n if width % n == 0 else None
+        if head_dim is None:
+            raise UserError(f"the attention output projection {path!r} of model type {self.model_type!r} takes "
+                            f"{width} inputs, not a multiple of its {n} heads; {hint}")
+        for i, mod in enumerate(modules):
+            if in_features(mod) != width:
+                raise UserError(f"the attention output projection of layer {i} takes {in_features(mod)} inputs, "
+                                f"layer 0's {width}; heads of differently shaped layers are not supported")
+        layout = "conv1d" if type(modules[0]).__name__ == "Conv1D" else "linear"
+        self._attention = AttentionLayout(path=path, source=source, num_heads=n, head_dim=int(head_dim),
+                                          layout=layout, modules=modules)
+        return self._attention
+
+    def _detect_attn_out(self, n: int, hint: str) -> str:
+        layer0 = self.layers[0].layer
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        found = []
+        for name, mod in layer0.named_modules():
+            low = name.lower()
+            if not name or ("attn" not in low and "attention" not in low):
+                continue
+            if name.rsplit(".", 1)[-1] not in _ATTN_OUT_NAMES:
+                continue
+            i, o = in_features(mod), out_features(mod)
+            if i is None or o is None or i % n != 0 or (isinstance(hidden, int) and o != hidden):
+                continue
+            found.append(name)
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)} candidate ({', '.join(found[:3])})"
+            raise UserError(f"cannot find the attention output projection of model type {self.model_type!r} "
+                            f"({what} modules); {hint}")
+        return found[0]
 
     def describe(self) -> dict:
         return {"model_type": self.model_type, "num_layers": self.num_layers, "width": self.width,

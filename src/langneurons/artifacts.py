@@ -15,6 +15,9 @@ stats                    ``stats.json`` (+ ``CODE.safetensors``)  ``collect``
 collect.checkpoint       ``.partial/CODE.rankR.json``         ``collect`` (until a language is done)
 directions               ``directions.json`` (+ safetensors)  ``directions collect``
 directions.checkpoint    ``.partial/directions.CODE.rankR.json``  ``directions collect`` (until a language is done)
+heads                    ``heads.json`` (+ ``heads.safetensors``)  ``heads collect``
+heads.checkpoint         ``.partial/heads.CODE.rankR.json``   ``heads collect`` (until a language is done)
+headset                  ``*.json`` head sets                 ``heads identify``
 neuronset                ``*.json`` neuron sets               ``identify``, ``neurons``, ``bridge select``
 intervention             ``Intervention.to_dict()``           library (embedded in results)
 ppl                      ``ppl.json``                         ``ppl``
@@ -66,6 +69,9 @@ STATS_FORMAT = "langneurons.stats.v1"
 COLLECT_CHECKPOINT_FORMAT = "langneurons.collect.checkpoint.v1"
 DIRECTIONS_FORMAT = "langneurons.directions.v1"
 DIRECTIONS_CHECKPOINT_FORMAT = "langneurons.directions.checkpoint.v1"
+HEADS_FORMAT = "langneurons.heads.v1"
+HEADS_CHECKPOINT_FORMAT = "langneurons.heads.checkpoint.v1"
+HEADSET_FORMAT = "langneurons.headset.v1"
 NEURONSET_FORMAT = "langneurons.neuronset.v1"
 INTERVENTION_FORMAT = "langneurons.intervention.v1"
 PPL_FORMAT = "langneurons.ppl.v1"
@@ -123,6 +129,13 @@ _KINDS = [
          "Residual-stream language directions", "core.section_generic",
          {"model": _D, "languages": _L, "num_layers": int, "hidden_size": int, "token_counts": _D},
          "langneurons.directions.Directions.load(directory)", loader="langneurons.directions:validate_doc"),
+    Kind(HEADS_FORMAT, "heads.json (+ heads.safetensors)", "heads collect", "Attention-head statistics",
+         "core.section_generic", {"model": _D, "languages": _L, "num_layers": int, "num_heads": int,
+                                  "token_counts": _D},
+         "langneurons.heads.HeadStats.load(directory)", loader="langneurons.heads:validate_doc"),
+    Kind(HEADSET_FORMAT, "*.json (head set)", "heads identify", "Head sets", "core.section_generic",
+         {"model": _D, "method": _D, "heads": _D}, "langneurons.heads.HeadSet.load(path)",
+         loader="langneurons.heads:HeadSet.from_dict"),
     Kind(NEURONSET_FORMAT, "*.json (neuron set)", "identify, neurons import, bridge select", "Neuron sets",
          "core.section_neurons", {"model": _D, "method": _D, "neurons": _D}, "langneurons.NeuronSet.load(path)",
          loader="langneurons.neuronset:NeuronSet.from_dict"),
@@ -173,6 +186,8 @@ _KINDS = [
          "Unfinished statistics", "core.section_generic", {"key": _S, "next_batch": int}),
     Kind(DIRECTIONS_CHECKPOINT_FORMAT, ".partial/directions.CODE.rankR.json", "directions collect (until a language "
          "is done)", "Unfinished direction collections", "core.section_generic", {"key": _S, "next_batch": int}),
+    Kind(HEADS_CHECKPOINT_FORMAT, ".partial/heads.CODE.rankR.json", "heads collect (until a language is done)",
+         "Unfinished head collections", "core.section_generic", {"key": _S, "next_batch": int}),
     Kind(PPL_PARTIAL_FORMAT, ".partial/ppl.json", "ppl (until every column is done)", "Unfinished perplexity runs",
          "core.section_generic", {"key": _S, "columns": _D}),
     Kind(TASK_PARTIAL_FORMAT, ".partial/TASK.json", "eval (until every row is done)", "Unfinished task runs",

@@ -16,7 +16,7 @@ from .errors import UserError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ("collect", "identify", "neurons", "ppl", "steer", "compare", "eval", "finetune", "bridge", "directions",
-            "report", "tiny_train", "demo")
+            "heads", "report", "tiny_train", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

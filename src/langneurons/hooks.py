@@ -12,6 +12,10 @@ themselves and see the hidden states each layer outputs, ``[B, T, H]`` (the firs
 layer returns a tuple): what ``output_hidden_states=True`` returns at index ``layer + 1``, except
 that HF applies the final norm to its last entry.
 
+Attention-head hooks (:func:`observe_heads`, :func:`write_heads`) are forward pre-hooks on each
+layer's attention output projection (:meth:`~langneurons.arch.Adapter.attention`) and see its input
+``z [B, T, n * d]``, the concatenation of the ``n`` heads' outputs (head ``h``: columns ``h*d .. (h+1)*d - 1``).
+
 Shape contract: every hook function sees ``[B, T, I]``. Architectures that run their MLP on
 flattened tokens (OPT hands its MLP ``[B*T, I]``) are viewed back as ``[B, T, I]`` with the batch
 shape of the current layer call (recorded by pre-hooks on the decoder layers), and a tensor a
@@ -215,3 +219,63 @@ def observe_residual(adapter: Adapter, fn: Callable[[int, torch.Tensor], None], 
 def write_residual(adapter: Adapter, fn: Writer, layers: list[int]):
     """Replace the residual stream output of decoder ``layers`` by ``fn(layer, hidden)`` (a context manager)."""
     return _residual_hooked(adapter, layers, fn)
+
+
+# ------------------------------------------------------------------------------------------ attention heads
+@contextlib.contextmanager
+def _heads_hooked(adapter: Adapter, layers: list[int], fn: Callable[[int, torch.Tensor], Optional[torch.Tensor]]):
+    """Forward pre-hooks on the attention output projections of ``layers``: ``fn(layer, z)`` sees their
+    input ``z [B, T, n * d]``; a tensor it returns replaces it. Yields per-layer call counts; always removes."""
+    att = adapter.attention()
+    calls = [0] * adapter.num_layers
+    handles = []
+    cs = _call_shape(adapter)
+    cs.acquire()
+
+    def make(l: int):
+        def pre_hook(mod, args, kwargs):
+            calls[l] += 1
+            key = None
+            if args:
+                z = args[0]
+            else:
+                key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+                z = kwargs.get(key) if key is not None else None
+            if not isinstance(z, torch.Tensor) or z.shape[-1] != att.width:
+                got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise UserError(f"the attention output projection {att.path!r} of layer {l} received {got}, not the "
+                                f"{att.num_heads} x {att.head_dim} head outputs; check --attn-out")
+            new = fn(l, _as_btI(z, cs))
+            if new is None:
+                return None
+            if new.shape != z.shape:
+                new = new.reshape(z.shape)
+            if key is not None:
+                return args, {**kwargs, key: new}
+            return (new,) + tuple(args[1:]), kwargs
+        return pre_hook
+
+    try:
+        for l in layers:
+            handles.append(att.modules[l].register_forward_pre_hook(make(l), with_kwargs=True))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+        cs.release()
+
+
+def observe_heads(adapter: Adapter, fn: Callable[[int, torch.Tensor], None], layers: Optional[list[int]] = None):
+    """Call ``fn(layer, z)`` with the input of each layer's attention output projection, ``[B, T, n * d]``
+    (detached; the heads' outputs side by side); outputs are untouched. Yields per-layer call counts."""
+    layers = list(range(adapter.num_layers)) if layers is None else layers
+
+    def watch(l: int, z: torch.Tensor) -> None:
+        fn(l, z.detach())
+        return None
+    return _heads_hooked(adapter, layers, watch)
+
+
+def write_heads(adapter: Adapter, fn: Writer, layers: list[int]):
+    """Replace the input of the attention output projection of ``layers`` by ``fn(layer, z)`` (a context manager)."""
+    return _heads_hooked(adapter, layers, fn)

@@ -120,7 +120,8 @@ import torch
 from .arch import Adapter, check_site
 from .directions import DirectionIntervention
 from .errors import UserError
-from .hooks import write, write_residual
+from .heads import HeadIntervention
+from .hooks import write, write_heads, write_residual
 from .neuronset import NeuronSet
 
 from .artifacts import INTERVENTION_FORMAT  # noqa: E402 - the tag is defined in the artifact registry
@@ -539,6 +540,9 @@ class Intervention:
         if d.get("unit") == "direction":
             raise UserError("this intervention record adds a residual-stream direction; rebuild it with "
                             "langneurons.directions.DirectionIntervention.from_dict(record)")
+        if d.get("unit") == "head":
+            raise UserError("this intervention record writes attention heads; rebuild it with "
+                            "langneurons.heads.HeadIntervention.from_dict(record)")
         nrec = d.get("neurons") or {}
         if neurons is None:
             if not nrec.get("path"):
@@ -899,6 +903,14 @@ class Controller:
             stack.callback(h2.remove)
         self._patch_generate(stack)
         for k, iv in enumerate(self.interventions):
+            if isinstance(iv, HeadIntervention):
+                hplan = iv.plan(self.adapter)
+                if not hplan:
+                    self.calls.append([0] * self.adapter.num_layers)
+                    continue
+                calls = stack.enter_context(write_heads(self.adapter, self.make_writer(k, iv, hplan), sorted(hplan)))
+                self.calls.append(calls)
+                continue
             if isinstance(iv, DirectionIntervention):
                 dplan = iv.plan(self.adapter)
                 calls = stack.enter_context(write_residual(self.adapter, self.make_direction_writer(iv, dplan),
@@ -950,21 +962,24 @@ def intervene(model, interventions: Union[Intervention, DirectionIntervention, A
               adapter: Optional[Adapter] = None) -> Iterator[Controller]:
     """Apply one intervention or a list of them (in list order) to every forward pass of ``model``:
     neuron interventions (:class:`Intervention`), language arithmetic (:class:`ArithmeticIntervention`,
-    installed as its ``parts``: the controller's ``calls`` has one entry per part) and residual-stream
-    directions (:class:`~langneurons.directions.DirectionIntervention`), mixed freely.
+    installed as its ``parts``: the controller's ``calls`` has one entry per part), residual-stream
+    directions (:class:`~langneurons.directions.DirectionIntervention`) and attention heads
+    (:class:`~langneurons.heads.HeadIntervention`: zero or scale the heads' slices of the attention output
+    projection's input, written like neuron activations), mixed freely.
 
     Hooks are removed and ``model.generate`` restored on exit, also on exceptions.
     """
-    single = isinstance(interventions, (Intervention, DirectionIntervention, ArithmeticIntervention))
+    single = isinstance(interventions, (Intervention, DirectionIntervention, ArithmeticIntervention,
+                                        HeadIntervention))
     ivs = []
     for iv in ([interventions] if single else list(interventions)):
         if isinstance(iv, ArithmeticIntervention):
             ivs.extend(iv.parts)                      # source part, then target part
-        elif isinstance(iv, (Intervention, DirectionIntervention)):
+        elif isinstance(iv, (Intervention, DirectionIntervention, HeadIntervention)):
             ivs.append(iv)
         else:
-            raise TypeError("intervene() takes Intervention, ArithmeticIntervention or DirectionIntervention "
-                            f"objects, got {type(iv).__name__}")
+            raise TypeError("intervene() takes Intervention, ArithmeticIntervention, DirectionIntervention or "
+                            f"HeadIntervention objects, got {type(iv).__name__}")
     adapter = adapter if adapter is not None else Adapter(model)
     ctl = Controller(model, adapter, ivs)
     with contextlib.ExitStack() as stack:
@@ -1001,6 +1016,9 @@ class RowController:
                 continue
             if isinstance(iv, DirectionIntervention):
                 raise UserError("stacked rows take neuron interventions only; apply a direction intervention "
+                                "with intervene() / Session.intervened()")
+            if isinstance(iv, HeadIntervention):
+                raise UserError("stacked rows take neuron interventions only; apply a head intervention "
                                 "with intervene() / Session.intervened()")
             if isinstance(iv, ArithmeticIntervention):
                 raise UserError("stacked rows take single-set neuron interventions; apply language arithmetic "
