@@ -28,9 +28,10 @@ from typing import Optional
 
 from .errors import UserError
 
-#: LAPE rate (top-prob: the same budget divided among the languages). The tiny model has 4 x 384 = 1536 neurons for 10 languages: the 1% of
-#: [T24] would be 15 neurons in all. Measured on the 400-step demo model (ppl with 3 random seeds,
-#: steer with 32 generations per target): at 0.05 (about 8 neurons per language) deactivation
+#: LAPE rate (top-prob: the same budget divided among the languages). The tiny model has
+#: 4 x 384 = 1536 neurons for 10 languages: the 1% of [T24] would be 15 neurons in all.
+#: Measured on the 400-step demo model (ppl with 3 random seeds, steer with 32 generations per
+#: target): at 0.05 (about 8 neurons per language) deactivation
 #: raised the own language's NLL most for 4/10 languages and set:p_max moved the target share from
 #: 0.09 to 0.12; at 0.15, 8/10 and 0.17; at 0.25 (about 38 per language, 2.5% of the MLP each),
 #: 10/10 (9 separated from random) and 0.19 [0.15, 0.24]; 0.35 adds little. Real models: use

@@ -233,10 +233,11 @@ def evaluate_heldout(model, tokenizer, held_dir: Path, codes: list[str], seed: i
     - ``ppl``: perplexity on the held-out lines, packed into windows of ``window`` tokens
       exactly as ``langneurons ppl`` packs them (so it equals that command's baseline row);
       ``exp(sum NLL / sum tokens)``, interval over windows.
-    - ``lid_share``: the share of sampled continuations (temperature 1, ``samples`` per
-      prefix, ``EVAL_NEW_TOKENS`` tokens) of the first ``prompts_per_language`` held-out line prefixes (first third of the line) that
-      the offline language identifier (:mod:`langneurons.langid`, restricted to the trained languages)
-      assigns to the prefix's language; interval over continuations. Skipped, with the reason
+    - ``lid_share``: the share of sampled continuations (temperature 1, ``samples`` per prefix,
+      ``EVAL_NEW_TOKENS`` tokens) of the first ``prompts_per_language`` held-out line prefixes (the
+      first third of each line) that the offline language identifier (:mod:`langneurons.langid`,
+      restricted to the trained languages) assigns to the prefix's language (an empty or
+      unclassified continuation counts as a miss); interval over continuations. Skipped, with the reason
       recorded, when the identifier is not installed.
 
     Both go through the one runtime (:class:`langneurons.runtime.Session`)."""
@@ -282,7 +283,8 @@ def evaluate_heldout(model, tokenizer, held_dir: Path, codes: list[str], seed: i
         hits = {c: [] for c in codes}
         for code, prompt, text in zip(owner, prompts, texts):
             hits[code].append(float(idf.classify(text)[0] == code))
-            if len(out["examples"].setdefault(code, [])) < 2 and prompt not in [e["prompt"] for e in out["examples"][code]]:
+            shown = out["examples"].setdefault(code, [])
+            if len(shown) < 2 and prompt not in [e["prompt"] for e in shown]:
                 out["examples"][code].append({"prompt": prompt, "continuation": text})
         for code in codes:
             if hits[code]:

@@ -30,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("--lang", action="append", default=None, metavar="CODE=SOURCE",
                    help="a language and its text instead of the embedded corpus (repeatable, at least 2)")
     p.add_argument("--top-rate", type=float, default=DEMO_TOP_RATE,
-                   help=f"LAPE rate (top-prob gets it divided among the languages) [{DEMO_TOP_RATE}: the tiny model has only 4 x 384 neurons]")
+                   help=f"LAPE rate (top-prob gets it divided among the languages) [{DEMO_TOP_RATE}: the tiny "
+                        "model has only 4 x 384 neurons]")
     p.add_argument("--muse", type=Path, default=None, metavar="DIR",
                    help="MUSE dictionaries (en-xx.txt): add cloze steering scores (LSS)")
     p.add_argument("--samples", type=int, default=4, help="sampled generations per neutral prompt [4]")

@@ -97,8 +97,9 @@ def results_sentences(groups: dict) -> list[str]:
         text = (f"The model of {it.rel} ({len(_dict(d.get('languages')))} languages, {cfg.get('steps', '?')} steps "
                 f"in {_fmt(d.get('train_seconds'), 0)} s)")
         if _is_num(share):
-            text += (f" continues held-out line prefixes in the prefix's language {_ci(share, h.get('lid_share_mean_ci95'), 2)}"
-                     " of the time (language identifier, sampled continuations)")
+            text += (" continues held-out line prefixes in the prefix's language "
+                     f"{_ci(share, h.get('lid_share_mean_ci95'), 2)} of the time (language identifier, sampled "
+                     "continuations)")
         if ppl:
             lo, hi = min(ppl, key=ppl.get), max(ppl, key=ppl.get)
             text += (("; its" if _is_num(share) else ": its") + f" held-out perplexity runs from {ppl[lo]:.1f} ({lo}) "

@@ -289,7 +289,8 @@ def section_tiny(items: list, ctx: Context) -> str:
             out.append(table(rows, ["perplexity", "windows", "language-ID share of continuations", "continuations"],
                              langs, "language"))
             if _is_num(h.get("lid_share_mean")):
-                out.append(f'<p class="meta">mean language-ID share {_e(_ci(h["lid_share_mean"], h.get("lid_share_mean_ci95"), 2))}'
+                mean = _ci(h["lid_share_mean"], h.get("lid_share_mean_ci95"), 2)
+                out.append(f'<p class="meta">mean language-ID share {_e(mean)}'
                            " (continuations of held-out line prefixes sampled at temperature 1, identified "
                            "among the trained languages)</p>")
             elif h.get("lid_skipped"):
