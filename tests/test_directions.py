@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from langneurons import artifacts as A
-from langneurons import directions as D
+from langneurons import unitsums
 from langneurons.arch import Adapter
 from langneurons.cli import main
-from langneurons.corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
 from langneurons.directions import (DirectionIntervention, Directions, DirectionsConfig, ResidualSums, accumulate,
                                     collect_directions, diffmean)
 from langneurons.errors import UserError
@@ -24,9 +22,8 @@ from langneurons.runtime import Session, forward_kwargs, pad_rows
 from langneurons.testing import tiny_model
 
 from conftest import DEMO_CORPUS
-
-LANGS = ("en", "fr", "zh")
-WINDOW = 16
+from unit_helpers import LANGS, WINDOW, logits, model, save_models, small_tokenizer, unit_config, windows_of
+from unit_helpers import one_line_error as _one_line_error
 #: the module holding the final norm (HF applies it to the last entry of hidden_states)
 FINAL_NORM = {"llama": "model.norm", "qwen2": "model.norm", "gpt2": "transformer.ln_f",
               "opt": "model.decoder.final_layer_norm"}
@@ -35,32 +32,11 @@ FINAL_NORM = {"llama": "model.norm", "qwen2": "model.norm", "gpt2": "transformer
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def tok():
-    """A small byte-level BPE tokenizer trained on a few lines of the embedded corpus (seconds)."""
-    from langneurons.tiny import train_tokenizer
-    docs = {c: (DEMO_CORPUS / f"{c}.txt").read_text(encoding="utf-8").splitlines()[:120] for c in LANGS}
-    return train_tokenizer(docs, vocab_size=300)
-
-
-def model(arch, tok, dtype=torch.float64, seed=0):
-    return tiny_model(arch, dtype=dtype, seed=seed, vocab_size=len(tok))
-
-
-def sources(langs=LANGS):
-    return [LanguageSource(c, str(DEMO_CORPUS / f"{c}.txt"), [str(DEMO_CORPUS / f"{c}.txt")]) for c in langs]
+    return small_tokenizer()
 
 
 def config(out, langs=LANGS, **kw):
-    base = dict(model="tiny", languages=sources(langs), out=out, window=WINDOW, max_tokens=WINDOW * 10,
-                batch_size=4, device="cpu", cache_dir=None, progress=False)
-    base.update(kw)
-    return DirectionsConfig(**base)
-
-
-def windows_of(code, tok, max_tokens=WINDOW * 10, seed=0):
-    packing = Packing(WINDOW).resolve(tok)
-    stream, _ = load_stream(sources([code])[0], tok, packing, None, stream_cap=max_tokens * 4)
-    w = cut_windows(stream, packing, tok.bos_token_id, code)
-    return torch.from_numpy(w[select_windows(len(w), WINDOW, max_tokens, seed)].astype(np.int64))
+    return unit_config(DirectionsConfig, out, langs, **kw)
 
 
 def hidden_by_brute_force(m, arch, ids, mask=None):
@@ -77,10 +53,6 @@ def hidden_by_brute_force(m, arch, ids, mask=None):
         h.remove()
     L = len(out.hidden_states) - 1
     return [out.hidden_states[l + 1] for l in range(L - 1)] + [seen["x"]]
-
-
-def logits(session, ids, mask=None):
-    return session.forward(ids, mask).double()
 
 
 def add_by_hand(adapter, layer_vectors: dict):
@@ -173,7 +145,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tok, tmp_path, 
 
     def stop():
         raise _Stop
-    monkeypatch.setattr(D, "_crash", stop)
+    monkeypatch.setattr(unitsums, "_crash", stop)
     part = tmp_path / "part"
     with pytest.raises(_Stop):
         collect_directions(config(part, langs, checkpoint_every=1e9), model=m, tokenizer=tok)
@@ -368,19 +340,7 @@ def test_merge_refuses_other_shapes():
 @pytest.fixture(scope="module")
 def model_dirs(tok, tmp_path_factory):
     """Two saved tiny Llama models (other seeds) sharing the tokenizer."""
-    d = tmp_path_factory.mktemp("models")
-    for name, seed in (("a", 0), ("b", 1)):
-        model("llama", tok, dtype=torch.float32, seed=seed).save_pretrained(d / name)
-        tok.save_pretrained(d / name)
-    return d
-
-
-def _one_line_error(capsys, args):
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("langneurons: error:"), (rc, err)
-    return err[0]
+    return save_models(tmp_path_factory.mktemp("models"), tok, {"a": {"seed": 0}, "b": {"seed": 1}})
 
 
 def _collect_args(model_dir, out, langs=("en", "zh")):

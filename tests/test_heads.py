@@ -7,15 +7,14 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from langneurons import artifacts as A
 from langneurons import heads as HD
+from langneurons import unitsums
 from langneurons.arch import ADAPTERS, ATTN_OUT, Adapter, in_features
 from langneurons.cli import main
-from langneurons.corpus import LanguageSource, Packing, cut_windows, load_stream, select_windows
 from langneurons.directions import DirectionIntervention
 from langneurons.errors import UserError
 from langneurons.heads import (HeadIntervention, HeadSet, HeadStats, HeadSums, HeadsConfig, accumulate, collect_heads,
@@ -26,9 +25,9 @@ from langneurons.runtime import Session, pad_rows
 from langneurons.testing import TINY_CONFIGS, tiny_model
 
 from conftest import DEMO_CORPUS
+from unit_helpers import LANGS, WINDOW, logits, model, save_models, small_tokenizer, unit_config, windows_of
+from unit_helpers import one_line_error as _one_line_error
 
-LANGS = ("en", "fr", "zh")
-WINDOW = 16
 #: Llama (GQA: 2 key-value heads for 4 heads), GPT-2 (Conv1D, fused c_attn), Qwen2 (GQA, q/k/v biases)
 ARCHS = ["llama", "gpt2", "qwen2"]
 
@@ -36,32 +35,11 @@ ARCHS = ["llama", "gpt2", "qwen2"]
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def tok():
-    """A small byte-level BPE tokenizer trained on a few lines of the embedded corpus (seconds)."""
-    from langneurons.tiny import train_tokenizer
-    docs = {c: (DEMO_CORPUS / f"{c}.txt").read_text(encoding="utf-8").splitlines()[:120] for c in LANGS}
-    return train_tokenizer(docs, vocab_size=300)
-
-
-def model(arch, tok, dtype=torch.float64, seed=0, **kw):
-    return tiny_model(arch, dtype=dtype, seed=seed, vocab_size=len(tok), **kw)
-
-
-def sources(langs=LANGS):
-    return [LanguageSource(c, str(DEMO_CORPUS / f"{c}.txt"), [str(DEMO_CORPUS / f"{c}.txt")]) for c in langs]
+    return small_tokenizer()
 
 
 def config(out, langs=LANGS, **kw):
-    base = dict(model="tiny", languages=sources(langs), out=out, window=WINDOW, max_tokens=WINDOW * 10,
-                batch_size=4, device="cpu", cache_dir=None, progress=False)
-    base.update(kw)
-    return HeadsConfig(**base)
-
-
-def windows_of(code, tok, max_tokens=WINDOW * 10, seed=0):
-    packing = Packing(WINDOW).resolve(tok)
-    stream, _ = load_stream(sources([code])[0], tok, packing, None, stream_cap=max_tokens * 4)
-    w = cut_windows(stream, packing, tok.bos_token_id, code)
-    return torch.from_numpy(w[select_windows(len(w), WINDOW, max_tokens, seed)].astype(np.int64))
+    return unit_config(HeadsConfig, out, langs, **kw)
 
 
 def attn_out_modules(m):
@@ -95,10 +73,6 @@ def brute_force_norms(m, ids, mask=None):
             cols.append(c.norm(dim=-1))
         out.append(torch.stack(cols, -1))
     return out
-
-
-def logits(session, ids, mask=None):
-    return session.forward(ids, mask).double()
 
 
 def zero_by_hand(m, layer_heads: dict, factor=0.0):
@@ -221,7 +195,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tok, tmp_path, 
 
     def stop():
         raise _Stop
-    monkeypatch.setattr(HD, "_crash", stop)
+    monkeypatch.setattr(unitsums, "_crash", stop)
     part = tmp_path / "part"
     with pytest.raises(_Stop):
         collect_heads(config(part, langs, checkpoint_every=1e9), model=m, tokenizer=tok)
@@ -499,19 +473,7 @@ def test_head_set_files_are_validated(tmp_path):
 @pytest.fixture(scope="module")
 def model_dirs(tok, tmp_path_factory):
     """Saved tiny Llama models sharing the tokenizer: a (2 layers), b (3 layers)."""
-    d = tmp_path_factory.mktemp("models")
-    for name, kw in (("a", {}), ("b", {"num_hidden_layers": 3})):
-        model("llama", tok, dtype=torch.float32, **kw).save_pretrained(d / name)
-        tok.save_pretrained(d / name)
-    return d
-
-
-def _one_line_error(capsys, args):
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("langneurons: error:"), (rc, err)
-    return err[0]
+    return save_models(tmp_path_factory.mktemp("models"), tok, {"a": {}, "b": {"num_hidden_layers": 3}})
 
 
 def _langs(langs=("en", "zh")):

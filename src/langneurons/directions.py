@@ -52,35 +52,29 @@ and settings.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import math
 import os
-import signal
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .artifacts import DIRECTIONS_CHECKPOINT_FORMAT, DIRECTIONS_FORMAT, INTERVENTION_FORMAT
-from .atomic import atomic_write, atomic_write_text
-from .corpus import default_cache_dir
 from .errors import UserError
+from .unitsums import Layout, UnitConfig, UnitKind, UnitStats, UnitSums, accumulate_windows, collect_units
 
 #: Bump when a change alters the sums the same command collects (checkpoint keys include it).
 DIRECTIONS_VERSION = 1
-JSON_NAME = "directions.json"
-TENSORS_NAME = "directions.safetensors"
 
 
 # ------------------------------------------------------------------------------------------ sums
-class ResidualSums:
+class ResidualSums(UnitSums):
     """The additive statistics of one language: ``sum [L, H]``, ``norm_sum [L]`` (float64) and
     ``count`` (int64 ``[1]``, positions counted; the same for every layer)."""
+
+    FIELDS = ("sum", "norm_sum", "count")
+    WHAT = "residual sums"
 
     def __init__(self, num_layers: int, hidden_size: int, device="cpu"):
         self.num_layers, self.hidden_size = int(num_layers), int(hidden_size)
@@ -89,8 +83,8 @@ class ResidualSums:
         self.count = torch.zeros(1, dtype=torch.int64, device=device)
 
     @property
-    def device(self) -> torch.device:
-        return self.sum.device
+    def dims(self) -> tuple[int, int]:
+        return self.num_layers, self.hidden_size
 
     def add(self, layer: int, h: torch.Tensor) -> None:
         """Add the hidden states ``h [N, H]`` (the real positions of one pass) of ``layer``."""
@@ -101,30 +95,6 @@ class ResidualSums:
         self.sum[layer] += x.sum(0)
         self.norm_sum[layer] += torch.linalg.vector_norm(x, dim=-1).sum()
 
-    def add_tokens(self, n: int) -> None:
-        self.count += int(n)
-
-    def merge(self, other: "ResidualSums") -> "ResidualSums":
-        """Add another shard (in place); returns self."""
-        if (other.num_layers, other.hidden_size) != (self.num_layers, self.hidden_size):
-            raise UserError(f"cannot merge residual sums of shape {[other.num_layers, other.hidden_size]} into "
-                            f"{[self.num_layers, self.hidden_size]}; merge sums of the same model")
-        self.sum += other.sum.to(self.device)
-        self.norm_sum += other.norm_sum.to(self.device)
-        self.count += other.count.to(self.device)
-        return self
-
-    def all_reduce(self) -> None:
-        """Sum the shards of every rank (torch.distributed; a no-op outside a process group)."""
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t in (self.sum, self.norm_sum, self.count):
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.count.sum())
-
     def mean(self) -> torch.Tensor:
         """``mean_l = S_l / N``: float64 ``[L, H]`` (on the CPU)."""
         return (self.sum / max(self.n_tokens, 1)).cpu()
@@ -133,44 +103,8 @@ class ResidualSums:
         """``norm_l = R_l / N``, the mean L2 norm of the residual stream: float64 ``[L]``."""
         return (self.norm_sum / max(self.n_tokens, 1)).cpu()
 
-    def tensors(self, code: Optional[str] = None) -> dict[str, torch.Tensor]:
-        """The tensors of the artifact (``name.CODE``), or of a checkpoint (``code=None``: sums only)."""
-        t = {"sum": self.sum.cpu(), "norm_sum": self.norm_sum.cpu(), "count": self.count.cpu()}
-        if code is None:
-            return {k: v.contiguous() for k, v in t.items()}
-        t.update(mean=self.mean().float(), norm=self.mean_norm().float())
-        return {f"{k}.{code}": v.contiguous() for k, v in t.items()}
-
-    @classmethod
-    def from_tensors(cls, t: dict, code: Optional[str] = None, where: str = "", device="cpu") -> "ResidualSums":
-        sfx = "" if code is None else f".{code}"
-        try:
-            s, ns, c = t["sum" + sfx], t["norm_sum" + sfx], t["count" + sfx]
-        except KeyError as e:
-            raise UserError(f"{where} lacks the tensor {e.args[0]!r}; it is damaged, collect again") from None
-        if s.dim() != 2 or tuple(ns.shape) != (s.shape[0],) or c.numel() != 1:
-            raise UserError(f"{where}: the tensors of {code or 'the checkpoint'} have inconsistent shapes; "
-                            "it is damaged, collect again")
-        out = cls(s.shape[0], s.shape[1], device=device)
-        out.sum.copy_(s.to(torch.float64))
-        out.norm_sum.copy_(ns.to(torch.float64))
-        out.count.copy_(c.reshape(1).to(torch.int64))
-        return out
-
-    def save(self, path) -> None:
-        """An atomic safetensors checkpoint of the sums."""
-        from safetensors.torch import save_file
-        tensors = self.tensors()
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
-
-    @classmethod
-    def load(cls, path, device="cpu") -> "ResidualSums":
-        from safetensors.torch import load_file
-        try:
-            t = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any read failure means a damaged file
-            raise UserError(f"{path} is corrupt ({e.__class__.__name__}); remove it and collect again") from None
-        return cls.from_tensors(t, None, str(path), device)
+    def derived(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean().float(), "norm": self.mean_norm().float()}
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -186,91 +120,19 @@ def accumulate(session, windows, sums: Optional[ResidualSums] = None, mask=None,
     (resume); ``after_batch(k)`` runs after batch ``k`` of this rank.
     """
     from .hooks import observe_residual
-    from .runtime import forward_kwargs
-    adapter = session.adapter
-    L = adapter.num_layers
+    L, H = session.adapter.num_layers, session.adapter.hidden_size
     if sums is None:
-        sums = ResidualSums(L, adapter.hidden_size, device=session.device)
-    if (sums.num_layers, sums.hidden_size) != (L, adapter.hidden_size):
-        raise UserError(f"residual sums of shape {[sums.num_layers, sums.hidden_size]} do not fit this model "
-                        f"({L} layers, hidden size {adapter.hidden_size}); use sums of the same model")
-    base = getattr(session.model, "base_model", session.model)
-    ids_all = torch.as_tensor(np.asarray(windows, dtype=np.int64)) if not isinstance(windows, torch.Tensor) \
-        else windows.long()
-    mask_all = torch.as_tensor(mask).long() if mask is not None else None
-    n = ids_all.shape[0]
-    B = session.batch_size
-    batches = [list(range(s, min(s + B, n))) for s in range(0, n, B)]
-
-    def run(k: int, idx: list[int]) -> dict:
-        if k < start:
-            return {}
-        ids = ids_all[idx]
-        m = mask_all[idx] if mask_all is not None else None
-        flat = m.reshape(-1).bool() if m is not None else None
-        counted = int(flat.sum()) if flat is not None else ids.numel()
-
-        def fn(layer: int, h: torch.Tensor) -> None:
-            x = h.reshape(-1, h.shape[-1])
-            if flat is not None:
-                x = x[flat.to(x.device)]
-            sums.add(layer, x)
-
-        dev = session.device
-        with observe_residual(adapter, fn) as calls, torch.no_grad():
-            base(input_ids=ids.to(dev), use_cache=False, **forward_kwargs(base, m.to(dev) if m is not None else None))
-        bad = [l for l in range(L) if calls[l] != 1]
-        if bad:
-            raise UserError(f"decoder layer(s) {bad[:5]} ran {calls[bad[0]]} time(s) in one forward pass instead of "
-                            "once; check --arch layers=...")
-        sums.add_tokens(counted)
-        if after_batch is not None:
-            after_batch(k)
-        return {}
-
-    session.map_batches(batches, run, progress)
-    return sums
+        sums = ResidualSums(L, H, device=session.device)
+    if sums.dims != (L, H):
+        raise UserError(f"residual sums of shape {list(sums.dims)} do not fit this model "
+                        f"({L} layers, hidden size {H}); use sums of the same model")
+    return accumulate_windows(session, windows, sums, observe_residual, sums.add,
+                              "decoder layer(s) {layers} ran {n} time(s) in one forward pass instead of once; "
+                              "check --arch layers=...", mask, start, after_batch, progress)
 
 
 # ------------------------------------------------------------------------------------------ the artifact
-def _lang_list(doc: dict) -> list:
-    langs = doc.get("languages")
-    return langs if isinstance(langs, list) else []
-
-
-def validate_doc(doc: dict, where: str = "directions.json") -> dict:
-    """Check a ``directions.json`` document in full (the registry's loader); return it."""
-    def bad(what: str):
-        raise UserError(f"{where}: {what}; the directions file is damaged, run 'langneurons directions collect' again")
-    if not isinstance(doc, dict) or doc.get("format") != DIRECTIONS_FORMAT:
-        raise UserError(f"{where} is not a directions file ({DIRECTIONS_FORMAT}); give the directory written by "
-                        "'langneurons directions collect'")
-    for key in ("num_layers", "hidden_size"):
-        v = doc.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            bad(f"{key!r} must be a positive integer")
-    model = doc.get("model")
-    if not isinstance(model, dict):
-        bad("'model' must be an object")
-    langs = _lang_list(doc)
-    if not all(isinstance(c, str) and c for c in langs) or len(set(langs)) != len(langs):
-        bad("'languages' must be distinct language codes")
-    counts = doc.get("token_counts")
-    if not isinstance(counts, dict):
-        bad("'token_counts' must be an object")
-    for c in langs:
-        n = counts.get(c)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            bad(f"the token count of {c!r} must be a positive integer")
-    return doc
-
-
-def _json_path(path) -> Path:
-    p = Path(path)
-    return p / JSON_NAME if p.is_dir() or p.suffix != ".json" else p
-
-
-class Directions:
+class Directions(UnitStats):
     """Per-language residual means of one model (see the module docstring).
 
     ``Directions.load(DIR)``; ``.languages``; ``.num_layers``; ``.hidden_size``; ``.mean(code)``
@@ -278,48 +140,30 @@ class Directions:
     (``rbar``, ``[L]``); ``.diffmean(target, ...)``; ``.sums[code]`` (:class:`ResidualSums`).
     """
 
-    def __init__(self, meta: dict, sums: dict[str, ResidualSums], path: Optional[Path] = None):
-        self.meta = meta
-        self.sums = dict(sums)
-        self.path = path
-        self._fingerprint: Optional[str] = None
+    KIND = "directions"
+    WHAT = "directions"
+    LABEL = "directions"
+    DAMAGED = "the directions file is damaged"
+    FORMAT = DIRECTIONS_FORMAT
+    SUMS = ResidualSums
+    DIMS = DOC_INTS = ("num_layers", "hidden_size")
+    FINGERPRINT_FIELDS = ("sum",)
+    DEFINITION = {"hidden": "output of decoder layer l (hidden_states[l + 1] before the final norm)",
+                  "diffmean": "v_l(t) = mean_l(t) - unweighted mean over the other languages of mean_l(k)",
+                  "norm": "norm_l(k) = mean over tokens of ||h_l||_2"}
 
     # ---- shape and content ---------------------------------------------------------------------
     @property
-    def languages(self) -> list[str]:
-        return list(self.sums)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.meta["num_layers"])
-
-    @property
     def hidden_size(self) -> int:
         return int(self.meta["hidden_size"])
-
-    @property
-    def name(self) -> str:
-        return str(self.path) if self.path is not None else "the given directions"
 
     @property
     def model_fingerprint(self) -> Optional[str]:
         m = self.meta.get("model")
         return m.get("fingerprint") if isinstance(m, dict) else None
 
-    def check_language(self, code: str) -> str:
-        if code not in self.sums:
-            raise UserError(f"unknown language {code!r}: the directions in {self.name} hold "
-                            f"{', '.join(self.languages) or 'no languages'}; pick one of those or collect it")
-        return code
-
     def mean(self, code: str) -> torch.Tensor:
         return self.sums[self.check_language(code)].mean()
-
-    def mean_norm(self, code: str) -> torch.Tensor:
-        return self.sums[self.check_language(code)].mean_norm()
-
-    def count(self, code: str) -> int:
-        return self.sums[self.check_language(code)].n_tokens
 
     def residual_norm(self) -> torch.Tensor:
         """``rbar_l``: the unweighted mean over every language of its mean residual norm, float64 ``[L]``."""
@@ -331,64 +175,6 @@ class Directions:
                  languages: Optional[Sequence[str]] = None) -> torch.Tensor:
         """See :func:`diffmean`."""
         return diffmean(self, target, layer, normalise, languages)
-
-    @property
-    def fingerprint(self) -> str:
-        """A digest of the sums (changes when any language's data changes)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for code in sorted(self.sums):
-                s = self.sums[code]
-                h.update(code.encode() + b"\0" + str(s.n_tokens).encode())
-                h.update(s.sum.cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
-
-    # ---- files ---------------------------------------------------------------------------------
-    @classmethod
-    def load(cls, path) -> "Directions":
-        """Read ``DIR`` (or ``DIR/directions.json``) with its ``directions.safetensors``."""
-        from .artifacts import load
-        jp = _json_path(path)
-        if not jp.parent.is_dir():
-            raise UserError(f"{jp.parent} does not exist; give the directory written by 'langneurons directions collect'")
-        if not jp.is_file():
-            raise UserError(f"{jp.parent} holds no {JSON_NAME}; give the directory written by "
-                            "'langneurons directions collect'")
-        meta = load(jp, "directions")
-        tp = jp.parent / TENSORS_NAME
-        if not tp.is_file():
-            raise UserError(f"{tp} is missing beside {jp}; collect the directions again")
-        from safetensors.torch import load_file
-        try:
-            t = load_file(str(tp))
-        except Exception as e:  # noqa: BLE001 - any read failure means a damaged file
-            raise UserError(f"{tp} is corrupt ({e.__class__.__name__}); collect the directions again") from None
-        L, H = meta["num_layers"], meta["hidden_size"]
-        sums = {}
-        for code in meta["languages"]:
-            s = ResidualSums.from_tensors(t, code, str(tp))
-            if (s.num_layers, s.hidden_size) != (L, H):
-                raise UserError(f"{tp}: the sums of {code!r} have shape {[s.num_layers, s.hidden_size]} but "
-                                f"{jp.name} says {[L, H]}; it is damaged, collect again")
-            sums[code] = s
-        return cls(meta, sums, jp.parent)
-
-    def save(self, out) -> Path:
-        """Write ``OUT/directions.safetensors`` then ``OUT/directions.json`` (each atomically)."""
-        from safetensors.torch import save_file
-        out = Path(out)
-        tensors: dict[str, torch.Tensor] = {}
-        for code, s in self.sums.items():
-            tensors.update(s.tensors(code))
-        meta = dict(self.meta)
-        meta.update(format=DIRECTIONS_FORMAT, languages=list(self.sums),
-                    token_counts={c: s.n_tokens for c, s in self.sums.items()})
-        validate_doc(meta, str(out / JSON_NAME))
-        atomic_write(out / TENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": DIRECTIONS_FORMAT}))
-        atomic_write_text(out / JSON_NAME, json.dumps(meta, indent=1, ensure_ascii=False))
-        self.meta, self.path, self._fingerprint = meta, out, None
-        return out / JSON_NAME
 
     # ---- summaries -----------------------------------------------------------------------------
     def diffmean_norms(self, languages: Optional[Sequence[str]] = None) -> torch.Tensor:
@@ -403,6 +189,10 @@ class Directions:
         V = torch.stack([diffmean(self, t, layer, languages=langs) for t in langs])
         n = torch.linalg.vector_norm(V, dim=-1)
         return (V @ V.T) / (n[:, None] * n[None, :])
+
+
+#: Checks a ``directions.json`` document in full (the registry's loader): ``validate_doc(doc, where)``.
+validate_doc = Directions.validate_doc
 
 
 def diffmean(dirs: Directions, target: str, layer: Optional[int] = None, normalise: bool = False,
@@ -592,191 +382,22 @@ class DirectionIntervention:
 
 # ------------------------------------------------------------------------------------------ collection
 @dataclass
-class DirectionsConfig:
+class DirectionsConfig(UnitConfig):
     """``langneurons directions collect`` (the options mean what they mean for ``collect``)."""
 
-    model: str
-    languages: list                      # [LanguageSource]
-    out: Path
-    window: int = 512
-    max_tokens: Optional[int] = None
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: Optional[str] = None
-    arch: Optional[str] = None
-    trust_remote_code: bool = False
-    seed: int = 0
-    bos: str = "window"
-    separator: str = "eos"
-    cache_dir: Optional[Path] = field(default_factory=default_cache_dir)
-    checkpoint_every: float = 300.0
-    text_field: str = "text"
-    progress: bool = True
 
-    def validate(self) -> None:
-        from .collect import check_run_options
-        check_run_options(self.window, self.batch_size, self.max_tokens, self.dtype)
-        if self.bos not in ("window", "none") or self.separator not in ("eos", "none"):
-            raise UserError("--bos must be window or none and --separator eos or none")
-        if not self.languages:
-            raise UserError("no languages given; add --lang CODE=SOURCE (one per language)")
+def _layout(cfg: DirectionsConfig, session) -> Layout:
+    L, H = session.adapter.num_layers, session.adapter.hidden_size
+    shape = {"num_layers": L, "hidden_size": H}
+    return Layout(dims=(L, H), site="residual", settings={}, model_shape=shape, shape=shape)
 
 
-def existing_out(out) -> Optional[dict]:
-    """The ``directions.json`` already in OUT (None for a new or empty directory); raises when OUT holds
-    something else. Cheap: the command calls it before any model is loaded."""
-    out = Path(out)
-    f = out / JSON_NAME
-    if not f.exists():
-        if out.is_dir() and any(p.name != ".partial" for p in out.iterdir()):
-            raise UserError(f"--out {out} exists and is not a langneurons directions directory; "
-                            "choose a new or empty directory")
-        return None
-    from .artifacts import load
-    return load(f, "directions")
-
-
-def _crash() -> None:
-    """Test hook (``LANGNEURONS_FAULT_AFTER_BATCHES``): die like ``kill -9`` after a checkpoint."""
-    os.kill(os.getpid(), signal.SIGKILL)
+#: The collection of directions (:func:`langneurons.unitsums.collect_units`).
+KIND = UnitKind(Directions, DirectionsConfig, accumulate, _layout, DIRECTIONS_CHECKPOINT_FORMAT, DIRECTIONS_VERSION)
 
 
 def collect_directions(cfg: DirectionsConfig, model=None, tokenizer=None) -> Directions:
     """Collect the residual sums of every language of ``cfg`` into ``cfg.out`` (module docstring) and
     return the loaded :class:`Directions`. Languages already in OUT (same model, settings and corpus)
     are skipped; an interrupted language resumes from its checkpoint."""
-    from . import __version__
-    from .collect import check_corpora_not_empty
-    from .corpus import Packing, tokenizer_fingerprint
-    from .runtime import ModelOptions, model_fingerprint, open_session
-    cfg.validate()
-    check_corpora_not_empty(cfg.languages, cfg.text_field)
-    out = Path(cfg.out)
-    existing = existing_out(out)
-    session = open_session(ModelOptions(cfg.model, cfg.arch, cfg.dtype, cfg.device, cfg.device_map,
-                                        cfg.trust_remote_code), batch_size=cfg.batch_size, model=model,
-                           tokenizer=tokenizer)
-    model, tokenizer, adapter = session.model, session.tokenizer, session.adapter
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and cfg.window > max_pos:
-        raise UserError(f"--window {cfg.window} exceeds the model's {max_pos} positions; lower --window")
-    packing = Packing(cfg.window, cfg.bos, cfg.separator).resolve(tokenizer)
-    model_fp = model_fingerprint(model)
-    L, H = adapter.num_layers, adapter.hidden_size
-    ident = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-             "window": cfg.window, "packing": packing.as_dict(), "site": "residual"}
-    if existing is not None:
-        theirs = existing.get("identity") or {}
-        diff = [k for k in ident if theirs.get(k) != ident[k]]
-        if diff:
-            shown = ", ".join(f"{k}: {theirs.get(k)!r} there vs {ident[k]!r} now" for k in diff[:2])
-            raise UserError(f"--out {out} holds directions of another model or settings ({shown}); "
-                            "use a new --out directory")
-        dirs = Directions.load(out)
-    else:
-        meta = {
-            "format": DIRECTIONS_FORMAT, "library_version": __version__,
-            "model": {"name_or_path": cfg.model, "model_type": adapter.model_type, "fingerprint": model_fp,
-                      "num_layers": L, "hidden_size": H, "adapter": adapter.source,
-                      "arch": dataclasses.asdict(adapter.spec)},
-            "identity": ident, "site": "residual", "num_layers": L, "hidden_size": H,
-            "window": cfg.window, "packing": packing.as_dict(), "dtype": str(model.dtype).replace("torch.", ""),
-            "tokenizer_fingerprint": ident["tokenizer_fingerprint"],
-            "languages": [], "token_counts": {}, "sources": {}, "corpora": {},
-            "definition": {"hidden": "output of decoder layer l (hidden_states[l + 1] before the final norm)",
-                           "diffmean": "v_l(t) = mean_l(t) - unweighted mean over the other languages of mean_l(k)",
-                           "norm": "norm_l(k) = mean over tokens of ||h_l||_2"},
-        }
-        dirs = Directions(meta, {}, out)
-    batches_run = [0]                   # over every language of this call (the fault-injection counter)
-    for src in cfg.languages:
-        _collect_language(cfg, src, session, packing, dirs, out, model_fp, batches_run)
-    if session.world > 1:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-    return Directions.load(out) if (out / JSON_NAME).is_file() else dirs
-
-
-def _collect_language(cfg: DirectionsConfig, src, session, packing, dirs: Directions, out: Path, model_fp: str,
-                      batches_run: list) -> None:
-    from .corpus import cut_windows, load_stream, select_windows
-    code = src.code
-    tokenizer = session.tokenizer
-    stream, cfp = load_stream(src, tokenizer, packing, cfg.cache_dir, cfg.text_field,
-                              stream_cap=(cfg.max_tokens * 4 if cfg.max_tokens else None))
-    all_windows = cut_windows(stream, packing, tokenizer.bos_token_id, code)
-    chosen = select_windows(len(all_windows), cfg.window, cfg.max_tokens, cfg.seed)
-    windows = all_windows[chosen]
-    corpus = {"source": src.spec, "corpus_fingerprint": cfp, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
-              "n_windows_total": int(len(all_windows)), "n_windows": int(len(chosen)), "stream_tokens": int(len(stream))}
-    done = (dirs.meta.get("corpora") or {}).get(code)
-    if code in dirs.sums:
-        if isinstance(done, dict) and all(done.get(k) == v for k, v in corpus.items()):
-            _log(cfg, session, f"{code}: already collected in {out}, skipped")
-            return
-        raise UserError(f"--out {out} already holds directions of {code!r} from another corpus or settings; "
-                        "use a new --out directory")
-    rank, world = session.rank, session.world
-    key = hashlib.sha256(json.dumps(dict(model=model_fp, corpus=cfp, window=cfg.window, packing=packing.as_dict(),
-                                         max_tokens=cfg.max_tokens, seed=cfg.seed, batch=cfg.batch_size,
-                                         world=world, rank=rank, dtype=str(session.model.dtype),
-                                         version=DIRECTIONS_VERSION), sort_keys=True).encode()).hexdigest()[:16]
-    partial = out / ".partial"
-    ckpt = partial / f"directions.{code}.rank{rank}.safetensors"
-    ckpt_meta = partial / f"directions.{code}.rank{rank}.json"
-    adapter = session.adapter
-    sums, start = None, 0
-    if ckpt.is_file() and ckpt_meta.is_file():
-        try:
-            m = json.loads(ckpt_meta.read_text(encoding="utf-8"))
-            if isinstance(m, dict) and m.get("key") == key:
-                sums = ResidualSums.load(ckpt, device=session.device)
-                start = int(m["next_batch"])
-                _log(cfg, session, f"{code}: resuming at batch {start}")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, UserError):
-            sums, start = None, 0
-    if sums is None or (sums.num_layers, sums.hidden_size) != (adapter.num_layers, adapter.hidden_size):
-        sums, start = ResidualSums(adapter.num_layers, adapter.hidden_size, device=session.device), 0
-    fault = int(os.environ.get("LANGNEURONS_FAULT_AFTER_BATCHES", "0") or 0)
-    last = [time.monotonic()]
-
-    def after_batch(k: int) -> None:
-        batches_run[0] += 1
-        crash = fault and batches_run[0] == fault
-        if crash or time.monotonic() - last[0] >= cfg.checkpoint_every:
-            sums.save(ckpt)
-            atomic_write_text(ckpt_meta, json.dumps({"format": DIRECTIONS_CHECKPOINT_FORMAT, "key": key,
-                                                     "next_batch": k + 1}))
-            last[0] = time.monotonic()
-        if crash:
-            _crash()
-
-    bar = None
-    if cfg.progress and session.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(windows), unit="win", desc=f"directions {code}", dynamic_ncols=True, mininterval=1.0)
-    accumulate(session, windows, sums, start=start, after_batch=after_batch,
-               progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    sums.all_reduce()
-    if session.is_main:
-        dirs.sums[code] = sums
-        meta = dirs.meta
-        corpus["n_tokens"] = sums.n_tokens
-        meta.setdefault("corpora", {})[code] = corpus
-        meta.setdefault("sources", {})[code] = src.spec
-        dirs.save(out)
-    for f in (ckpt, ckpt_meta):
-        if f.exists():
-            f.unlink()
-    if partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
-
-
-def _log(cfg: DirectionsConfig, session, msg: str) -> None:
-    if cfg.progress and session.is_main:
-        import sys
-        print(f"langneurons: {msg}", file=sys.stderr)
+    return collect_units(cfg, KIND, model, tokenizer)

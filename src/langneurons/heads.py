@@ -83,30 +83,24 @@ must run once per layer and pass).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import numbers
 import os
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .artifacts import HEADS_CHECKPOINT_FORMAT, HEADS_FORMAT, HEADSET_FORMAT, INTERVENTION_FORMAT, loads_json
-from .atomic import atomic_write, atomic_write_text
-from .corpus import default_cache_dir
+from .atomic import atomic_write_text
 from .errors import UserError
+from .unitsums import Layout, UnitConfig, UnitKind, UnitStats, UnitSums, accumulate_windows, collect_units
 
 #: Bump when a change alters the sums the same command collects (checkpoint keys include it).
 HEADS_VERSION = 1
-JSON_NAME = "heads.json"
-TENSORS_NAME = "heads.safetensors"
 
 BINS_PER_OCTAVE = 4
 MIN_EXP = -20
@@ -136,9 +130,13 @@ def n_bins(spec: Optional[dict] = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ sums
-class HeadSums:
+class HeadSums(UnitSums):
     """The additive statistics of one language: ``norm_sum [L, n]``, ``sq_sum [L, n]`` (float64),
     ``hist [L, n, NB]`` and ``count`` (int64; ``count [1]``: positions counted, the same for every layer)."""
+
+    FIELDS = ("norm_sum", "sq_sum", "hist", "count")
+    WHAT = "head sums"
+    MERGE_HINT = "merge sums of the same model and histogram"
 
     def __init__(self, num_layers: int, num_heads: int, device="cpu", hist_spec: Optional[dict] = None):
         self.num_layers, self.num_heads = int(num_layers), int(num_heads)
@@ -151,8 +149,8 @@ class HeadSums:
         self.count = torch.zeros(1, dtype=torch.int64, device=device)
 
     @property
-    def device(self) -> torch.device:
-        return self.norm_sum.device
+    def dims(self) -> tuple[int, int]:
+        return self.num_layers, self.num_heads
 
     @property
     def n_bins(self) -> int:
@@ -170,31 +168,6 @@ class HeadSums:
         flat = (b + torch.arange(self.num_heads, device=self.device) * self.n_bins).reshape(-1)
         self.hist[layer] += torch.bincount(flat, minlength=self.num_heads * self.n_bins).view(self.num_heads, -1)
 
-    def add_tokens(self, n: int) -> None:
-        self.count += int(n)
-
-    def merge(self, other: "HeadSums") -> "HeadSums":
-        """Add another shard (in place); returns self."""
-        if (other.num_layers, other.num_heads, other.n_bins) != (self.num_layers, self.num_heads, self.n_bins):
-            raise UserError(f"cannot merge head sums of shape {[other.num_layers, other.num_heads]} into "
-                            f"{[self.num_layers, self.num_heads]}; merge sums of the same model and histogram")
-        self.norm_sum += other.norm_sum.to(self.device)
-        self.sq_sum += other.sq_sum.to(self.device)
-        self.hist += other.hist.to(self.device)
-        self.count += other.count.to(self.device)
-        return self
-
-    def all_reduce(self) -> None:
-        """Sum the shards of every rank (torch.distributed; a no-op outside a process group)."""
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t in (self.norm_sum, self.sq_sum, self.hist, self.count):
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.count.sum())
-
     def mean_norm(self) -> torch.Tensor:
         """``m = S / N``: the mean contribution norm, float64 ``[L, n]`` (CPU)."""
         return (self.norm_sum / max(self.n_tokens, 1)).cpu()
@@ -205,49 +178,8 @@ class HeadSums:
         m = self.norm_sum / n
         return (self.sq_sum / n - m * m).clamp_min(0).sqrt().cpu()
 
-    def tensors(self, code: Optional[str] = None) -> dict[str, torch.Tensor]:
-        """The tensors of the artifact (``name.CODE``), or of a checkpoint (``code=None``: sums only)."""
-        t = {"norm_sum": self.norm_sum.cpu(), "sq_sum": self.sq_sum.cpu(), "hist": self.hist.cpu(),
-             "count": self.count.cpu()}
-        if code is None:
-            return {k: v.contiguous() for k, v in t.items()}
-        t["norm"] = self.mean_norm().float()
-        return {f"{k}.{code}": v.contiguous() for k, v in t.items()}
-
-    @classmethod
-    def from_tensors(cls, t: dict, code: Optional[str] = None, where: str = "", device="cpu",
-                     hist_spec: Optional[dict] = None) -> "HeadSums":
-        sfx = "" if code is None else f".{code}"
-        try:
-            s, q, g, c = t["norm_sum" + sfx], t["sq_sum" + sfx], t["hist" + sfx], t["count" + sfx]
-        except KeyError as e:
-            raise UserError(f"{where} lacks the tensor {e.args[0]!r}; it is damaged, collect again") from None
-        out = cls(s.shape[0] if s.dim() == 2 else 0, s.shape[1] if s.dim() == 2 else 0, device=device,
-                  hist_spec=hist_spec)
-        if (s.dim() != 2 or tuple(q.shape) != tuple(s.shape) or tuple(g.shape) != (*s.shape, out.n_bins)
-                or c.numel() != 1):
-            raise UserError(f"{where}: the tensors of {code or 'the checkpoint'} have inconsistent shapes; "
-                            "it is damaged, collect again")
-        out.norm_sum.copy_(s.to(torch.float64))
-        out.sq_sum.copy_(q.to(torch.float64))
-        out.hist.copy_(g.to(torch.int64))
-        out.count.copy_(c.reshape(1).to(torch.int64))
-        return out
-
-    def save(self, path) -> None:
-        """An atomic safetensors checkpoint of the sums."""
-        from safetensors.torch import save_file
-        tensors = self.tensors()
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
-
-    @classmethod
-    def load(cls, path, device="cpu", hist_spec: Optional[dict] = None) -> "HeadSums":
-        from safetensors.torch import load_file
-        try:
-            t = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any read failure means a damaged file
-            raise UserError(f"{path} is corrupt ({e.__class__.__name__}); remove it and collect again") from None
-        return cls.from_tensors(t, None, str(path), device, hist_spec)
+    def derived(self) -> dict[str, torch.Tensor]:
+        return {"norm": self.mean_norm().float()}
 
 
 # ------------------------------------------------------------------------------------------ the norms
@@ -277,103 +209,28 @@ def accumulate(session, windows, sums: Optional[HeadSums] = None, mask=None, sta
     are skipped (resume); ``after_batch(k)`` runs after batch ``k`` of this rank.
     """
     from .hooks import observe_heads
-    from .runtime import forward_kwargs
-    adapter = session.adapter
-    att = adapter.attention()
-    L, n = adapter.num_layers, att.num_heads
+    att = session.adapter.attention()
+    L, n = session.adapter.num_layers, att.num_heads
     if sums is None:
         sums = HeadSums(L, n, device=session.device)
-    if (sums.num_layers, sums.num_heads) != (L, n):
-        raise UserError(f"head sums of shape {[sums.num_layers, sums.num_heads]} do not fit this model "
+    if sums.dims != (L, n):
+        raise UserError(f"head sums of shape {list(sums.dims)} do not fit this model "
                         f"({L} layers x {n} heads); use sums of the same model")
     grams = [head_grams(att, l) for l in range(L)]
-    base = getattr(session.model, "base_model", session.model)
-    ids_all = torch.as_tensor(np.asarray(windows, dtype=np.int64)) if not isinstance(windows, torch.Tensor) \
-        else windows.long()
-    mask_all = torch.as_tensor(mask).long() if mask is not None else None
-    N = ids_all.shape[0]
-    B = session.batch_size
-    batches = [list(range(s, min(s + B, N))) for s in range(0, N, B)]
-
-    def run(k: int, idx: list[int]) -> dict:
-        if k < start:
-            return {}
-        ids = ids_all[idx]
-        m = mask_all[idx] if mask_all is not None else None
-        flat = m.reshape(-1).bool() if m is not None else None
-        counted = int(flat.sum()) if flat is not None else ids.numel()
-
-        def fn(layer: int, z: torch.Tensor) -> None:
-            x = z.reshape(-1, z.shape[-1])
-            if flat is not None:
-                x = x[flat.to(x.device)]
-            sums.add(layer, head_norms(x, grams[layer]))
-
-        dev = session.device
-        with observe_heads(adapter, fn) as calls, torch.no_grad():
-            base(input_ids=ids.to(dev), use_cache=False, **forward_kwargs(base, m.to(dev) if m is not None else None))
-        bad = [l for l in range(L) if calls[l] != 1]
-        if bad:
-            raise UserError(f"the attention output projection of layer(s) {bad[:5]} ran {calls[bad[0]]} time(s) "
-                            "in one forward pass instead of once (a fused attention kernel?); load the model "
-                            "without custom kernels or give --attn-out")
-        sums.add_tokens(counted)
-        if after_batch is not None:
-            after_batch(k)
-        return {}
-
-    session.map_batches(batches, run, progress)
-    return sums
+    return accumulate_windows(session, windows, sums, observe_heads,
+                              lambda layer, z: sums.add(layer, head_norms(z, grams[layer])),
+                              "the attention output projection of layer(s) {layers} ran {n} time(s) in one forward "
+                              "pass instead of once (a fused attention kernel?); load the model without custom "
+                              "kernels or give --attn-out", mask, start, after_batch, progress)
 
 
 # ------------------------------------------------------------------------------------------ the artifact
-def _pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def validate_doc(doc: dict, where: str = "heads.json") -> dict:
-    """Check a ``heads.json`` document in full (the registry's loader); return it."""
-    def bad(what: str):
-        raise UserError(f"{where}: {what}; the head statistics are damaged, run 'langneurons heads collect' again")
-    if not isinstance(doc, dict) or doc.get("format") != HEADS_FORMAT:
-        raise UserError(f"{where} is not a head-statistics file ({HEADS_FORMAT}); give the directory written by "
-                        "'langneurons heads collect'")
-    for key in ("num_layers", "num_heads", "head_dim"):
-        if not _pos_int(doc.get(key)):
-            bad(f"{key!r} must be a positive integer")
-    if not isinstance(doc.get("model"), dict):
-        bad("'model' must be an object")
-    langs = doc.get("languages")
-    if (not isinstance(langs, list) or not all(isinstance(c, str) and c for c in langs)
-            or len(set(langs)) != len(langs)):
-        bad("'languages' must be distinct language codes")
-    counts = doc.get("token_counts")
-    if not isinstance(counts, dict):
-        bad("'token_counts' must be an object")
-    for c in langs:
-        if not _pos_int(counts.get(c)):
-            bad(f"the token count of {c!r} must be a positive integer")
-    h = doc.get("histogram", HISTOGRAM)
-    if (not isinstance(h, dict) or h.get("kind") != "log2"
-            or not all(isinstance(h.get(k), int) and not isinstance(h.get(k), bool)
-                       for k in ("bins_per_octave", "min_exp", "max_exp"))
-            or h["bins_per_octave"] < 1 or h["max_exp"] < h["min_exp"] or h["bins_per_octave"] * (
-                h["max_exp"] - h["min_exp"]) > 10**4):
-        bad("'histogram' must be {kind: log2, bins_per_octave, min_exp, max_exp} (integers)")
-    return doc
-
-
-def _json_path(path, name: str = JSON_NAME) -> Path:
-    p = Path(path)
-    return p / name if p.is_dir() or p.suffix != ".json" else p
-
-
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     from .identify.lape import entropy
     return entropy(p)
 
 
-class HeadStats:
+class HeadStats(UnitStats):
     """Per-language head statistics of one model (see the module docstring).
 
     ``HeadStats.load(DIR)``; ``.languages``; ``.num_layers``; ``.num_heads``; ``.head_dim``;
@@ -382,19 +239,34 @@ class HeadStats:
     languages)`` (``[L, n, K]``); ``.sums[code]`` (:class:`HeadSums`).
     """
 
-    def __init__(self, meta: dict, sums: dict[str, HeadSums], path: Optional[Path] = None):
-        self.meta = meta
-        self.sums = dict(sums)
-        self.path = path
-        self._fingerprint: Optional[str] = None
+    KIND = "heads"
+    WHAT = "head statistics"
+    LABEL = "head-statistics"
+    DAMAGED = "the head statistics are damaged"
+    FORMAT = HEADS_FORMAT
+    SUMS = HeadSums
+    DIMS = ("num_layers", "num_heads")
+    DOC_INTS = ("num_layers", "num_heads", "head_dim")
+    FINGERPRINT_FIELDS = ("norm_sum", "hist")
+    DEFINITION = {"contribution": "c_h = W_O[:, h*d:(h+1)*d] z_h, z = input of the attention output "
+                                  "projection (the bias belongs to no head)",
+                  "norm": "m_lh(k) = mean over the real positions of language k of ||c_h||_2 (primary)",
+                  "prob": "P_lh(k) = share of positions with ||c_h|| >= tau_lh, tau_lh = upper edge of "
+                          "the histogram bin of the median pooled over languages (equal weights)"}
 
-    @property
-    def languages(self) -> list[str]:
-        return list(self.sums)
+    @classmethod
+    def check_doc(cls, doc: dict, bad) -> None:
+        h = doc.get("histogram", HISTOGRAM)
+        if (not isinstance(h, dict) or h.get("kind") != "log2"
+                or not all(isinstance(h.get(k), int) and not isinstance(h.get(k), bool)
+                           for k in ("bins_per_octave", "min_exp", "max_exp"))
+                or h["bins_per_octave"] < 1 or h["max_exp"] < h["min_exp"] or h["bins_per_octave"] * (
+                    h["max_exp"] - h["min_exp"]) > 10**4):
+            bad("'histogram' must be {kind: log2, bins_per_octave, min_exp, max_exp} (integers)")
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.meta["num_layers"])
+    @classmethod
+    def sums_kwargs(cls, meta: dict) -> dict:
+        return {"hist_spec": meta.get("histogram")}
 
     @property
     def num_heads(self) -> int:
@@ -408,16 +280,6 @@ class HeadStats:
     def hist_spec(self) -> dict:
         return dict(self.meta.get("histogram") or HISTOGRAM)
 
-    @property
-    def name(self) -> str:
-        return str(self.path) if self.path is not None else "the given head statistics"
-
-    def check_language(self, code: str) -> str:
-        if code not in self.sums:
-            raise UserError(f"unknown language {code!r}: the head statistics in {self.name} hold "
-                            f"{', '.join(self.languages) or 'no languages'}; pick one of those or collect it")
-        return code
-
     def _langs(self, languages: Optional[Sequence[str]]) -> list[str]:
         langs = list(dict.fromkeys(languages)) if languages is not None else self.languages
         for c in langs:
@@ -426,15 +288,8 @@ class HeadStats:
             raise UserError(f"{self.name} holds no languages; collect some first")
         return langs
 
-    def mean_norm(self, code: str) -> torch.Tensor:
-        return self.sums[self.check_language(code)].mean_norm()
-
     def std_norm(self, code: str) -> torch.Tensor:
         return self.sums[self.check_language(code)].std_norm()
-
-    def count(self, code: str) -> int:
-        return self.sums[self.check_language(code)].n_tokens
-
     def _shares(self, code: str) -> torch.Tensor:
         s = self.sums[code]
         return s.hist.cpu().double() / max(s.n_tokens, 1)                 # [L, n, NB]
@@ -480,63 +335,10 @@ class HeadStats:
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
                 "fingerprint": m.get("fingerprint")}
 
-    @property
-    def fingerprint(self) -> str:
-        """A digest of the sums (changes when any language's data changes)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for code in sorted(self.sums):
-                s = self.sums[code]
-                h.update(code.encode() + b"\0" + str(s.n_tokens).encode())
-                h.update(s.norm_sum.cpu().numpy().tobytes())
-                h.update(s.hist.cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
 
-    @classmethod
-    def load(cls, path) -> "HeadStats":
-        """Read ``DIR`` (or ``DIR/heads.json``) with its ``heads.safetensors``."""
-        from .artifacts import load
-        jp = _json_path(path)
-        if not jp.parent.is_dir():
-            raise UserError(f"{jp.parent} does not exist; give the directory written by 'langneurons heads collect'")
-        if not jp.is_file():
-            raise UserError(f"{jp.parent} holds no {JSON_NAME}; give the directory written by "
-                            "'langneurons heads collect'")
-        meta = load(jp, "heads")
-        tp = jp.parent / TENSORS_NAME
-        if not tp.is_file():
-            raise UserError(f"{tp} is missing beside {jp}; collect the head statistics again")
-        from safetensors.torch import load_file
-        try:
-            t = load_file(str(tp))
-        except Exception as e:  # noqa: BLE001 - any read failure means a damaged file
-            raise UserError(f"{tp} is corrupt ({e.__class__.__name__}); collect the head statistics again") from None
-        L, n = meta["num_layers"], meta["num_heads"]
-        sums = {}
-        for code in meta["languages"]:
-            s = HeadSums.from_tensors(t, code, str(tp), hist_spec=meta.get("histogram"))
-            if (s.num_layers, s.num_heads) != (L, n):
-                raise UserError(f"{tp}: the sums of {code!r} have shape {[s.num_layers, s.num_heads]} but "
-                                f"{jp.name} says {[L, n]}; it is damaged, collect again")
-            sums[code] = s
-        return cls(meta, sums, jp.parent)
 
-    def save(self, out) -> Path:
-        """Write ``OUT/heads.safetensors`` then ``OUT/heads.json`` (each atomically)."""
-        from safetensors.torch import save_file
-        out = Path(out)
-        tensors: dict[str, torch.Tensor] = {}
-        for code, s in self.sums.items():
-            tensors.update(s.tensors(code))
-        meta = dict(self.meta)
-        meta.update(format=HEADS_FORMAT, languages=list(self.sums),
-                    token_counts={c: s.n_tokens for c, s in self.sums.items()})
-        validate_doc(meta, str(out / JSON_NAME))
-        atomic_write(out / TENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": HEADS_FORMAT}))
-        atomic_write_text(out / JSON_NAME, json.dumps(meta, indent=1, ensure_ascii=False))
-        self.meta, self.path, self._fingerprint = meta, out, None
-        return out / JSON_NAME
+#: Checks a ``heads.json`` document in full (the registry's loader): ``validate_doc(doc, where)``.
+validate_doc = HeadStats.validate_doc
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -998,200 +800,30 @@ class HeadIntervention:
 
 # ------------------------------------------------------------------------------------------ collection
 @dataclass
-class HeadsConfig:
-    """``langneurons heads collect`` (the options mean what they mean for ``collect``)."""
+class HeadsConfig(UnitConfig):
+    """``langneurons heads collect`` (the options mean what they mean for ``collect``); ``attn_out``: the
+    attention output projection (``--attn-out``)."""
 
-    model: str
-    languages: list                      # [LanguageSource]
-    out: Path
-    window: int = 512
-    max_tokens: Optional[int] = None
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: Optional[str] = None
-    arch: Optional[str] = None
     attn_out: Optional[str] = None
-    trust_remote_code: bool = False
-    seed: int = 0
-    bos: str = "window"
-    separator: str = "eos"
-    cache_dir: Optional[Path] = field(default_factory=default_cache_dir)
-    checkpoint_every: float = 300.0
-    text_field: str = "text"
-    progress: bool = True
-
-    def validate(self) -> None:
-        from .collect import check_run_options
-        check_run_options(self.window, self.batch_size, self.max_tokens, self.dtype)
-        if self.bos not in ("window", "none") or self.separator not in ("eos", "none"):
-            raise UserError("--bos must be window or none and --separator eos or none")
-        if not self.languages:
-            raise UserError("no languages given; add --lang CODE=SOURCE (one per language)")
 
 
-def existing_out(out) -> Optional[dict]:
-    """The ``heads.json`` already in OUT (None for a new or empty directory); raises when OUT holds
-    something else. Cheap: the command calls it before any model is loaded."""
-    out = Path(out)
-    f = out / JSON_NAME
-    if not f.exists():
-        if out.is_dir() and any(p.name != ".partial" for p in out.iterdir()):
-            raise UserError(f"--out {out} exists and is not a langneurons head-statistics directory; "
-                            "choose a new or empty directory")
-        return None
-    from .artifacts import load
-    return load(f, "heads")
+def _layout(cfg: HeadsConfig, session) -> Layout:
+    adapter = session.adapter
+    att = adapter.attention(cfg.attn_out)
+    L, n = adapter.num_layers, att.num_heads
+    return Layout(dims=(L, n), site="attn_out", settings={"attn_out": att.path, "histogram": dict(HISTOGRAM)},
+                  model_shape={"num_layers": L, "num_heads": n, "head_dim": att.head_dim,
+                               "hidden_size": adapter.hidden_size},
+                  shape={"num_layers": L, "num_heads": n, "head_dim": att.head_dim},
+                  model_extra={"attention": att.describe()}, extra={"histogram": dict(HISTOGRAM)})
 
 
-def _crash() -> None:
-    """Test hook (``LANGNEURONS_FAULT_AFTER_BATCHES``): die like ``kill -9`` after a checkpoint."""
-    os.kill(os.getpid(), signal.SIGKILL)
+#: The collection of head statistics (:func:`langneurons.unitsums.collect_units`).
+KIND = UnitKind(HeadStats, HeadsConfig, accumulate, _layout, HEADS_CHECKPOINT_FORMAT, HEADS_VERSION)
 
 
 def collect_heads(cfg: HeadsConfig, model=None, tokenizer=None) -> HeadStats:
     """Collect the head sums of every language of ``cfg`` into ``cfg.out`` (module docstring) and return
     the loaded :class:`HeadStats`. Languages already in OUT (same model, settings and corpus) are skipped;
     an interrupted language resumes from its checkpoint."""
-    from . import __version__
-    from .collect import check_corpora_not_empty
-    from .corpus import Packing, tokenizer_fingerprint
-    from .runtime import ModelOptions, model_fingerprint, open_session
-    cfg.validate()
-    check_corpora_not_empty(cfg.languages, cfg.text_field)
-    out = Path(cfg.out)
-    existing = existing_out(out)
-    session = open_session(ModelOptions(cfg.model, cfg.arch, cfg.dtype, cfg.device, cfg.device_map,
-                                        cfg.trust_remote_code), batch_size=cfg.batch_size, model=model,
-                           tokenizer=tokenizer)
-    model, tokenizer, adapter = session.model, session.tokenizer, session.adapter
-    att = adapter.attention(cfg.attn_out)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and cfg.window > max_pos:
-        raise UserError(f"--window {cfg.window} exceeds the model's {max_pos} positions; lower --window")
-    packing = Packing(cfg.window, cfg.bos, cfg.separator).resolve(tokenizer)
-    model_fp = model_fingerprint(model)
-    L, n = adapter.num_layers, att.num_heads
-    ident = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-             "window": cfg.window, "packing": packing.as_dict(), "site": "attn_out", "attn_out": att.path,
-             "histogram": dict(HISTOGRAM)}
-    if existing is not None:
-        theirs = existing.get("identity") or {}
-        diff = [k for k in ident if theirs.get(k) != ident[k]]
-        if diff:
-            shown = ", ".join(f"{k}: {theirs.get(k)!r} there vs {ident[k]!r} now" for k in diff[:2])
-            raise UserError(f"--out {out} holds head statistics of another model or settings ({shown}); "
-                            "use a new --out directory")
-        stats = HeadStats.load(out)
-    else:
-        meta = {
-            "format": HEADS_FORMAT, "library_version": __version__,
-            "model": {"name_or_path": cfg.model, "model_type": adapter.model_type, "fingerprint": model_fp,
-                      "num_layers": L, "num_heads": n, "head_dim": att.head_dim,
-                      "hidden_size": adapter.hidden_size, "adapter": adapter.source,
-                      "arch": dataclasses.asdict(adapter.spec), "attention": att.describe()},
-            "identity": ident, "site": "attn_out", "num_layers": L, "num_heads": n, "head_dim": att.head_dim,
-            "window": cfg.window, "packing": packing.as_dict(), "dtype": str(model.dtype).replace("torch.", ""),
-            "tokenizer_fingerprint": ident["tokenizer_fingerprint"], "histogram": dict(HISTOGRAM),
-            "languages": [], "token_counts": {}, "sources": {}, "corpora": {},
-            "definition": {"contribution": "c_h = W_O[:, h*d:(h+1)*d] z_h, z = input of the attention output "
-                                           "projection (the bias belongs to no head)",
-                           "norm": "m_lh(k) = mean over the real positions of language k of ||c_h||_2 (primary)",
-                           "prob": "P_lh(k) = share of positions with ||c_h|| >= tau_lh, tau_lh = upper edge of "
-                                   "the histogram bin of the median pooled over languages (equal weights)"},
-        }
-        stats = HeadStats(meta, {}, out)
-    batches_run = [0]
-    for src in cfg.languages:
-        _collect_language(cfg, src, session, packing, stats, out, model_fp, batches_run)
-    if session.world > 1:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-    return HeadStats.load(out) if (out / JSON_NAME).is_file() else stats
-
-
-def _collect_language(cfg: HeadsConfig, src, session, packing, stats: HeadStats, out: Path, model_fp: str,
-                      batches_run: list) -> None:
-    from .corpus import cut_windows, load_stream, select_windows
-    code = src.code
-    tokenizer = session.tokenizer
-    stream, cfp = load_stream(src, tokenizer, packing, cfg.cache_dir, cfg.text_field,
-                              stream_cap=(cfg.max_tokens * 4 if cfg.max_tokens else None))
-    all_windows = cut_windows(stream, packing, tokenizer.bos_token_id, code)
-    chosen = select_windows(len(all_windows), cfg.window, cfg.max_tokens, cfg.seed)
-    windows = all_windows[chosen]
-    corpus = {"source": src.spec, "corpus_fingerprint": cfp, "max_tokens": cfg.max_tokens, "seed": cfg.seed,
-              "n_windows_total": int(len(all_windows)), "n_windows": int(len(chosen)),
-              "stream_tokens": int(len(stream))}
-    done = (stats.meta.get("corpora") or {}).get(code)
-    if code in stats.sums:
-        if isinstance(done, dict) and all(done.get(k) == v for k, v in corpus.items()):
-            _log(cfg, session, f"{code}: already collected in {out}, skipped")
-            return
-        raise UserError(f"--out {out} already holds head statistics of {code!r} from another corpus or settings; "
-                        "use a new --out directory")
-    rank, world = session.rank, session.world
-    att = session.adapter.attention()
-    key = hashlib.sha256(json.dumps(dict(model=model_fp, corpus=cfp, window=cfg.window, packing=packing.as_dict(),
-                                         max_tokens=cfg.max_tokens, seed=cfg.seed, batch=cfg.batch_size,
-                                         world=world, rank=rank, dtype=str(session.model.dtype),
-                                         attn_out=att.path, histogram=HISTOGRAM, version=HEADS_VERSION),
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    partial = out / ".partial"
-    ckpt = partial / f"heads.{code}.rank{rank}.safetensors"
-    ckpt_meta = partial / f"heads.{code}.rank{rank}.json"
-    L, n = session.adapter.num_layers, att.num_heads
-    sums, start = None, 0
-    if ckpt.is_file() and ckpt_meta.is_file():
-        try:
-            m = json.loads(ckpt_meta.read_text(encoding="utf-8"))
-            if isinstance(m, dict) and m.get("key") == key:
-                sums = HeadSums.load(ckpt, device=session.device)
-                start = int(m["next_batch"])
-                _log(cfg, session, f"{code}: resuming at batch {start}")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, UserError):
-            sums, start = None, 0
-    if sums is None or (sums.num_layers, sums.num_heads) != (L, n):
-        sums, start = HeadSums(L, n, device=session.device), 0
-    fault = int(os.environ.get("LANGNEURONS_FAULT_AFTER_BATCHES", "0") or 0)
-    last = [time.monotonic()]
-
-    def after_batch(k: int) -> None:
-        batches_run[0] += 1
-        crash = fault and batches_run[0] == fault
-        if crash or time.monotonic() - last[0] >= cfg.checkpoint_every:
-            sums.save(ckpt)
-            atomic_write_text(ckpt_meta, json.dumps({"format": HEADS_CHECKPOINT_FORMAT, "key": key,
-                                                     "next_batch": k + 1}))
-            last[0] = time.monotonic()
-        if crash:
-            _crash()
-
-    bar = None
-    if cfg.progress and session.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(windows), unit="win", desc=f"heads {code}", dynamic_ncols=True, mininterval=1.0)
-    accumulate(session, windows, sums, start=start, after_batch=after_batch,
-               progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    sums.all_reduce()
-    if session.is_main:
-        stats.sums[code] = sums
-        meta = stats.meta
-        corpus["n_tokens"] = sums.n_tokens
-        meta.setdefault("corpora", {})[code] = corpus
-        meta.setdefault("sources", {})[code] = src.spec
-        stats.save(out)
-    for f in (ckpt, ckpt_meta):
-        if f.exists():
-            f.unlink()
-    if partial.is_dir() and not any(partial.iterdir()):
-        partial.rmdir()
-
-
-def _log(cfg: HeadsConfig, session, msg: str) -> None:
-    if cfg.progress and session.is_main:
-        import sys
-        print(f"langneurons: {msg}", file=sys.stderr)
+    return collect_units(cfg, KIND, model, tokenizer)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -34,28 +33,8 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     cmds.required = True
-    from .options import add_model_options, add_out, add_seed
-
-    co = cmds.add_parser("collect", help="collect per-language residual means (resumable, torchrun-aware)",
-                         description="collect per-language residual means", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(co, batch_size=8, batch_help="windows per forward pass")
-    co.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
-                    help="a language and its corpus (repeat per language; sources as for 'collect')")
-    add_out(co, "output directory (a rerun of the same collection resumes in it; new languages are added)",
-            overwrite=False)
-    co.add_argument("--window", type=int, default=512, help="tokens per window [512]")
-    co.add_argument("--max-tokens", type=int, default=None, help="cap per language (a seeded random subset of windows)")
-    add_seed(co, 0, "window selection seed")
-    co.add_argument("--bos", default="window", choices=("window", "none"), help="BOS at the start of every window")
-    co.add_argument("--separator", default="eos", choices=("eos", "none"), help="token between documents")
-    co.add_argument("--cache-dir", type=Path, default=None,
-                    help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
-    co.add_argument("--no-cache", action="store_true", help="do not cache token streams")
-    co.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints [300]")
-    co.add_argument("--text-field", default="text", help="field of .jsonl and hf: records [text]")
-    co.add_argument("--quiet", action="store_true", help="no progress bar")
-    co.set_defaults(func=run_collect)
+    from ..unitsums import add_collect_command
+    add_collect_command(cmds, "per-language residual means", EPILOG, run_collect)
 
     sh = cmds.add_parser("show", help="norms of the DiffMean directions per layer, cosines between languages",
                          description="norms of the DiffMean directions per layer, cosines between languages")
@@ -67,26 +46,9 @@ def register(sub) -> None:
 
 
 def run_collect(args) -> int:
-    from ..corpus import default_cache_dir, parse_lang_args
-    from ..directions import DirectionsConfig, collect_directions, existing_out
-    from ..outputs import check_dir, lang_inputs
-    check_dir(args.out, inputs=[("model directory", args.model), *lang_inputs(args.lang)], what="the directions")
-    existing_out(args.out)
-    cfg = DirectionsConfig(
-        model=args.model, languages=parse_lang_args(args.lang), out=args.out, window=args.window,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        device_map=args.device_map, arch=args.arch, trust_remote_code=args.trust_remote_code, seed=args.seed,
-        bos=args.bos, separator=args.separator,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
-        checkpoint_every=args.checkpoint_every, text_field=args.text_field, progress=not args.quiet)
-    dirs = collect_directions(cfg)
-    from ..runtime import dist_info
-    if dist_info()[0] != 0:
-        return 0
-    for code in dirs.languages:
-        print(f"{code}\t{dirs.count(code)} tokens", file=sys.stderr)
-    print(str(Path(args.out) / "directions.json"))
-    return 0
+    from ..directions import KIND
+    from ..unitsums import run_collect as run
+    return run(args, KIND)
 
 
 def _fmt(v: float, width: int) -> str:

@@ -45,34 +45,15 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cmds = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     cmds.required = True
-    from .options import add_model_options, add_out, add_seed
+    from ..unitsums import add_collect_command, add_corpus_options
+    from .options import add_model_options, add_out
 
-    def corpus_options(q, max_tokens_help: str) -> None:
-        q.add_argument("--lang", action="append", required=True, metavar="CODE=SOURCE",
-                       help="a language and its corpus (repeat per language; sources as for 'collect')")
-        q.add_argument("--window", type=int, default=512, help="tokens per window [512]")
-        q.add_argument("--max-tokens", type=int, default=None, help=max_tokens_help)
-        add_seed(q, 0, "window selection seed")
-        q.add_argument("--bos", default="window", choices=("window", "none"), help="BOS at the start of every window")
-        q.add_argument("--separator", default="eos", choices=("eos", "none"), help="token between documents")
-        q.add_argument("--cache-dir", type=Path, default=None,
-                       help="token cache [$LANGNEURONS_CACHE or ~/.cache/langneurons]")
-        q.add_argument("--no-cache", action="store_true", help="do not cache token streams")
-        q.add_argument("--text-field", default="text", help="field of .jsonl and hf: records [text]")
+    def attn_out_option(q) -> None:
         q.add_argument("--attn-out", default=None, metavar="PATH",
                        help="the attention output projection, relative to one decoder layer (e.g. self_attn.o_proj) "
                             "[the adapter table, else auto-detected]")
 
-    co = cmds.add_parser("collect", help="collect per-language head statistics (resumable, torchrun-aware)",
-                         description="collect per-language head statistics", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(co, batch_size=8, batch_help="windows per forward pass")
-    corpus_options(co, "cap per language (a seeded random subset of windows)")
-    add_out(co, "output directory (a rerun of the same collection resumes in it; new languages are added)",
-            overwrite=False)
-    co.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints [300]")
-    co.add_argument("--quiet", action="store_true", help="no progress bar")
-    co.set_defaults(func=run_collect)
+    add_collect_command(cmds, "per-language head statistics", EPILOG, run_collect, attn_out_option)
 
     sh = cmds.add_parser("show", help="mean contribution norm per head and language, or the heads of a head set",
                          description="mean contribution norm per head and language, or the heads of a head set")
@@ -102,7 +83,8 @@ def register(sub) -> None:
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(ab, batch_size=8, batch_help="windows per forward pass")
     ab.add_argument("--heads", type=Path, required=True, metavar="FILE", help="head set written by 'heads identify'")
-    corpus_options(ab, "cap per language [4096]")
+    add_corpus_options(ab, "cap per language [4096]")
+    attn_out_option(ab)
     ab.add_argument("--rows", default=None, metavar="a,b,c", help="head-set languages to ablate [every language]")
     ab.add_argument("--operator", default="zero", metavar="OP", help="zero or scale:A [zero]")
     ab.set_defaults(func=run_ablate, max_tokens=4096)
@@ -114,27 +96,9 @@ def _split(text):
 
 
 def run_collect(args) -> int:
-    from ..corpus import default_cache_dir, parse_lang_args
-    from ..heads import HeadsConfig, collect_heads, existing_out
-    from ..outputs import check_dir, lang_inputs
-    check_dir(args.out, inputs=[("model directory", args.model), *lang_inputs(args.lang)],
-              what="the head statistics")
-    existing_out(args.out)
-    cfg = HeadsConfig(
-        model=args.model, languages=parse_lang_args(args.lang), out=args.out, window=args.window,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        device_map=args.device_map, arch=args.arch, attn_out=args.attn_out, trust_remote_code=args.trust_remote_code,
-        seed=args.seed, bos=args.bos, separator=args.separator,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
-        checkpoint_every=args.checkpoint_every, text_field=args.text_field, progress=not args.quiet)
-    stats = collect_heads(cfg)
-    from ..runtime import dist_info
-    if dist_info()[0] != 0:
-        return 0
-    for code in stats.languages:
-        print(f"{code}\t{stats.count(code)} tokens", file=sys.stderr)
-    print(str(Path(args.out) / "heads.json"))
-    return 0
+    from ..heads import KIND
+    from ..unitsums import run_collect as run
+    return run(args, KIND, attn_out=args.attn_out)
 
 
 def _fmt(v: float, width: int) -> str:
