@@ -1,5 +1,6 @@
-"""``langneurons compare``: one scoreboard of neuron sets, random controls, DiffMean directions and
-language arithmetic on the demo model (three targets, a few generations: well under a minute)."""
+"""``langneurons compare``: one scoreboard of neuron sets, random controls, DiffMean directions,
+language arithmetic and attention-head sets on the demo model (three targets, a few generations:
+well under a minute)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from langneurons.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO / "src" / "langneurons" / "data" / "demo_corpus"
 TARGETS = ["en", "de", "zh"]
 CLOZE = [
     {"id": "1", "lang": {"en": {"prompt": "one, two, three,", "object": "four"},
@@ -31,7 +33,9 @@ CLOZE = [
 @pytest.fixture(scope="module")
 def inputs(demo_model, demo_stats, tmp_path_factory):
     """Two neuron sets of the demo model, its DiffMean directions (a small ``directions collect`` on
-    its held-out text), a cloze file, and the held-out arguments."""
+    its held-out text), a LAPE head set (a small ``heads collect`` on its training text, then
+    ``heads identify --method lape --top-rate 0.25``: 4 of its 4 x 4 heads), a cloze file, and the
+    held-out arguments."""
     from langneurons.identify import select
     from langneurons.stats import ActivationStats
     d = tmp_path_factory.mktemp("compare")
@@ -42,6 +46,11 @@ def inputs(demo_model, demo_stats, tmp_path_factory):
     assert main(["directions", "collect", "--model", str(demo_model), "--device", "cpu", "--out", str(d / "dirs"),
                  "--window", "32", "--max-tokens", "2048", "--no-cache", "--quiet",
                  *[a for c in TARGETS for a in ("--lang", f"{c}={held / (c + '.txt')}")]]) == 0
+    assert main(["heads", "collect", "--model", str(demo_model), "--device", "cpu", "--out", str(d / "heads"),
+                 "--window", "32", "--max-tokens", "1024", "--no-cache", "--quiet",
+                 *[a for c in TARGETS for a in ("--lang", f"{c}={DEMO_CORPUS / (c + '.txt')}")]]) == 0
+    assert main(["heads", "identify", "--stats", str(d / "heads"), "--method", "lape", "--top-rate", "0.25",
+                 "--out", str(d / "heads-lape.json")]) == 0
     (d / "cloze.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in CLOZE), encoding="utf-8")
     base = ["compare", "--model", str(demo_model), "--device", "cpu", "--languages", ",".join(TARGETS),
             *[a for c in TARGETS + ["fr"] for a in ("--held-out", f"{c}={held / (c + '.txt')}")],
@@ -51,11 +60,13 @@ def inputs(demo_model, demo_stats, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(inputs):
-    """Every default method: lape and top-prob under set:max, random:lape (2 seeds), diffmean, arithmetic."""
+    """Every default method: lape and top-prob under set:max, random:lape (2 seeds), diffmean, the LAPE
+    head set (heads:hl, random-heads:hl), arithmetic."""
     d = inputs["d"]
     out = d / "out"
     argv = inputs["base"] + ["--neurons", f"lape={d / 'lape.json'}", "--neurons", f"top={d / 'top.json'}",
-                             "--directions", str(d / "dirs"), "--cloze", str(d / "cloze.jsonl"),
+                             "--directions", str(d / "dirs"), "--heads", f"hl={d / 'heads-lape.json'}",
+                             "--cloze", str(d / "cloze.jsonl"),
                              "--random-seeds", "0,1", "--out", str(out)]
     assert main(argv) == 0
     from langneurons import artifacts
@@ -65,9 +76,11 @@ def run(inputs):
 def test_rows_for_every_method_and_target_with_metrics_inside_their_intervals(run):
     from langneurons.compare import INTERVAL_METRICS, METRICS
     doc = run["doc"]
-    expected = ["lape:set:max", "top:set:max", "random:lape", "diffmean", "arith:add", "arith:mul"]
+    expected = ["lape:set:max", "top:set:max", "random:lape", "diffmean", "heads:hl", "random-heads:hl",
+                "arith:add", "arith:mul"]
     assert set(doc["methods"]) | set(doc["skipped"]) == set(expected)
-    assert {"lape:set:max", "top:set:max", "random:lape", "diffmean"} <= set(doc["methods"])
+    assert {"lape:set:max", "top:set:max", "random:lape", "diffmean", "heads:hl", "random-heads:hl"} <= set(
+        doc["methods"])
     for m, why in doc["skipped"].items():            # only language arithmetic may be unavailable
         assert m.startswith("arith:") and why
     assert doc["targets"] == TARGETS
@@ -78,7 +91,7 @@ def test_rows_for_every_method_and_target_with_metrics_inside_their_intervals(ru
         for k in INTERVAL_METRICS:
             assert k in r and k + "_ci95" in r, (r["method"], k)
             v, ci = r[k], r[k + "_ci95"]
-            if k == "deact_own_vs_random" and r["kind"] in ("random", "diffmean"):
+            if k == "deact_own_vs_random" and r["kind"] in ("random", "diffmean", "random-heads"):
                 assert v is None and ci is None
                 continue
             assert isinstance(v, float) and ci is not None, (r["method"], r["target"], k)
@@ -131,6 +144,47 @@ def test_budgets(run, inputs):
             for s in TARGETS:
                 union |= sets["lape"].mask(s)
             assert rows[("arith:add", t)]["budget_units"] == int(union.sum())
+
+
+def test_heads_rows_budgets_and_control(run, inputs):
+    """heads:NAME: scale:2 on t's heads to steer, zero to deactivate; budget = t's heads and heads x
+    head_dim x H parameters of W_O; its own-vs-random uses the matched random head control."""
+    from langneurons.compare import random_head_control
+    from langneurons.heads import HeadSet
+    doc = run["doc"]
+    hs = HeadSet.load(inputs["d"] / "heads-lape.json")
+    assert sum(hs.total(t) for t in TARGETS) > 0
+    rows = {(r["method"], r["target"]): r for r in doc["rows"]}
+    det = doc["details"]["heads:hl"]
+    assert det["kind"] == "heads" and det["operator"] == "scale:2" and "zero" in det["deactivation"]
+    assert doc["settings"]["head_scale"] == 2.0 and doc["settings"]["heads"]["hl"].endswith("heads-lape.json")
+    hd, hidden = det["head_dim"], det["hidden_size"]
+    assert (hd, hidden) == (32, 128)                         # the demo model: 4 x 4 heads of 32, H = 128
+    for t in TARGETS:
+        for m in ("heads:hl", "random-heads:hl"):
+            r = rows[(m, t)]
+            assert r["budget_units"] == hs.total(t), (m, t)
+            assert r["budget_params"] == hs.total(t) * hd * hidden, (m, t)
+            for k in ("share", "steer_own_dnll", "deact_own_dnll", "deact_other_dnll"):
+                assert r[k + "_ci95"][0] <= r[k] <= r[k + "_ci95"][1], (m, t, k)
+        assert det["steer"][t] == "scale:2[" + t + "]@heads/all"
+        assert det["heads_of"][t] == hs.heads[t].tolist()
+        r = rows[("heads:hl", t)]
+        assert r["deact_own_vs_random_ci95"][0] <= r["deact_own_vs_random"] <= r["deact_own_vs_random_ci95"][1]
+        if hs.total(t) == 0:                               # nothing written: no change at all
+            assert r["deact_own_dnll"] == r["steer_own_dnll"] == 0
+    # the control: the same heads per layer, none of any language's, seeded
+    ctl = doc["details"]["random-heads:hl"]
+    assert ctl["seeds"] == [0, 1]
+    union = {tuple(r) for t in hs.languages for r in hs.heads[t].tolist()}
+    for s in (0, 1):
+        c = random_head_control(hs, s)
+        assert c == random_head_control(hs, s)
+        assert ctl["control_heads"][str(s)] == {t: c.heads[t].tolist() for t in TARGETS}
+        for t in TARGETS:
+            got = c.heads[t].tolist()
+            assert not union & {tuple(r) for r in got}
+            assert sorted(l for l, _ in got) == sorted(l for l, _ in hs.heads[t].tolist())
 
 
 def test_fluency_is_the_unsteered_nll_of_the_recorded_generations(run, inputs):
@@ -205,6 +259,8 @@ def test_help_documents_every_metric_with_its_formula(capsys):
     for k, v in METRICS.items():
         assert k in text and v.split(":")[0][:40] in " ".join(text.split())
     assert "h_L - (h_L . u) u" in text and "argmax_l" in text
+    assert "heads:NAME" in text and "random-heads:NAME" in text and "--head-scale" in text
+    assert "head_dim x H" in " ".join(text.split())
 
 
 def _other_directions(path: Path) -> Path:
@@ -225,7 +281,8 @@ def _other_directions(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown-method", "other-model-neurons", "other-model-directions", "alpha",
-                                  "cloze-missing-target", "diffmean-without-directions"])
+                                  "cloze-missing-target", "diffmean-without-directions", "other-model-heads",
+                                  "heads-without-head-set", "head-set-missing-target", "head-scale"])
 def test_bad_input_is_one_line_exit_2(case, inputs, tmp_path, capsys):
     from langneurons.neuronset import NeuronSet
     d = inputs["d"]
@@ -238,12 +295,21 @@ def test_bad_input_is_one_line_exit_2(case, inputs, tmp_path, capsys):
         "alpha": (lape + ["--alpha", "four"], "--alpha"),
         "cloze-missing-target": (lape + ["--cloze", str(tmp_path / "cloze.jsonl")], "target(s) zh"),
         "diffmean-without-directions": (lape + ["--methods", "diffmean"], "--directions"),
+        "other-model-heads": (["--heads", f"h={tmp_path / 'heads.json'}"], "2x3 model"),
+        "heads-without-head-set": (lape + ["--methods", "heads:h"], "--heads NAME=FILE"),
+        "head-set-missing-target": (["--heads", f"h={tmp_path / 'heads.json'}"], "no language zh"),
+        "head-scale": (["--heads", f"h={d / 'heads-lape.json'}", "--head-scale", "big"], "--head-scale"),
     }[case]
     if case == "other-model-neurons":
         NeuronSet({c: [[0, 1]] for c in TARGETS}, {"num_layers": 2, "width": 7, "site": "act"},
                   {"name": "x"}).save(tmp_path / "other.json")
     if case == "other-model-directions":
         _other_directions(tmp_path / "dirs")
+    if case in ("other-model-heads", "head-set-missing-target"):
+        from langneurons.heads import HeadSet
+        langs = TARGETS if case == "other-model-heads" else ["en", "de"]
+        HeadSet({c: [[0, 1]] for c in langs}, {"num_layers": 2, "num_heads": 3, "head_dim": 8},
+                {"name": "x", "languages": langs}).save(tmp_path / "heads.json")
     if case == "cloze-missing-target":
         items = [{"id": x["id"], "lang": {c: v for c, v in x["lang"].items() if c != "zh"}} for x in CLOZE]
         (tmp_path / "cloze.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
@@ -275,6 +341,27 @@ def test_unavailable_arithmetic_is_skipped_with_the_reason(inputs, tmp_path, mon
     for r in doc["rows"]:
         assert r["steer_own_dnll"] == pytest.approx(r["deact_own_dnll"], abs=1e-9)
         assert math.isfinite(r["fluency_nll"])
+
+
+def test_head_set_too_dense_for_a_control(inputs, tmp_path):
+    """A head set filling a layer has no matched random control: random-heads is skipped with the
+    reason, heads:NAME still runs and its deact_own_vs_random is null with the reason in details."""
+    from langneurons.heads import HeadSet
+    langs = ["en", "zh"]
+    HeadSet({"en": [[1, 0], [1, 1], [1, 2]], "zh": [[1, 3], [2, 0]]}, {"num_layers": 4, "num_heads": 4},
+            {"name": "hand", "languages": langs}).save(tmp_path / "dense.json")
+    out = tmp_path / "out"
+    assert main(inputs["base"] + ["--heads", f"dense={tmp_path / 'dense.json'}", "--languages", ",".join(langs),
+                                  "--random-seeds", "0", "--head-scale", "3", "--out", str(out)]) == 0
+    doc = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    assert doc["methods"] == ["heads:dense"] and "too dense" in doc["skipped"]["random-heads:dense"]
+    det = doc["details"]["heads:dense"]
+    assert det["operator"] == "scale:3" and "deact_own_vs_random is None" in det["random_control"]
+    for r in doc["rows"]:
+        assert r["deact_own_vs_random"] is None and r["deact_own_vs_random_ci95"] is None
+        assert r["budget_units"] == {"en": 3, "zh": 2}[r["target"]]
+        assert r["budget_params"] == r["budget_units"] * 32 * 128
+        assert r["deact_own_dnll_ci95"][0] <= r["deact_own_dnll"] <= r["deact_own_dnll_ci95"][1]
 
 
 def test_experiment_imports_and_has_help(capsys):

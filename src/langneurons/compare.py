@@ -1,6 +1,6 @@
 """One scoreboard for every way of localising a language: neuron sets under steering operators, their
-matched random controls, residual-stream DiffMean directions and language arithmetic, measured by
-**one** code path (``langneurons compare``).
+matched random controls, residual-stream DiffMean directions, language arithmetic and attention-head
+sets, measured by **one** code path (``langneurons compare``).
 
 Methods
 -------
@@ -20,13 +20,25 @@ intervention and a *budget*:
   arithmetic (:class:`~langneurons.intervene.ArithmeticIntervention`, built by
   :func:`langneurons.steer.build_interventions`): the other targets' neurons down, ``t``'s up;
   deactivation ``zero`` on ``t``'s neurons (the rows of ``NAME:OP``); budget ``|N(t) u N(others)|``.
+* ``heads:NAME`` (a head set given as ``--heads NAME=FILE``, from ``langneurons heads identify``):
+  steering ``HeadIntervention(heads, t, "scale:A")``, ``z_h <- A z_h`` so ``c_h <- A c_h`` for every head
+  ``h`` of ``t`` (``A`` = ``--head-scale``, default :data:`DEFAULT_HEAD_SCALE` = 2): amplifying the target's
+  heads is the head analogue of activating its neurons (a head has no natural "on" value to set, only
+  its contribution to scale); deactivation ``HeadIntervention(heads, t, "zero")`` (``c_h <- 0``);
+  budget ``|Heads(t)|`` heads (units) and ``|Heads(t)| * head_dim * H`` parameters (the columns of the
+  attention output projection ``W_O`` the heads' outputs pass through).
+* ``random-heads:NAME``: the same on a matched random control of the head set
+  (:func:`random_head_control`: per language and layer as many heads as NAME has there, drawn
+  uniformly without replacement among that layer's heads of **no** language of NAME; one per
+  ``--random-seeds`` seed, seeded as :func:`~langneurons.neuronset.random_control` is); the same budget.
 
 Steering operators of neuron methods (``--operator``): ``set:p_max`` when sentence statistics are
 given ([R25]'s choice: per neuron the largest per-sentence mean activation of ``t``), else
 ``set:max`` with window statistics (the largest activation of ``t``'s tokens, the window-statistic
 counterpart), else ``scale:4`` (no statistics needed). ``p_max``/``p_median`` values come from
 ``--sentence-stats``, every other statistic from ``--stats`` (or the sentence statistics when that
-is all there is). Language arithmetic is used only when the installed
+is all there is). Head sets are written at every non-pad position (``positions="all"``, as neuron
+steering). Language arithmetic is used only when the installed
 :mod:`langneurons.intervene` provides it (``steer.build_interventions`` builds it); otherwise the
 method is listed under ``skipped`` with the reason.
 
@@ -61,15 +73,17 @@ over the replicas before resampling.
   mean NLL per predicted token of language ``u``'s held-out windows (:mod:`langneurons.ppl`), under
   ``t``'s steering, for ``u = t`` and averaged over every held-out language ``u != t`` (collateral).
 * ``deact_own_dnll`` / ``deact_other_dnll``: the same under ``t``'s deactivation;
-  ``deact_selectivity = own - other``; ``deact_own_vs_random`` (neuron methods):
+  ``deact_selectivity = own - other``; ``deact_own_vs_random`` (neuron and head methods):
   ``deact_own_dnll`` minus the mean over ``--random-seeds`` of ``ΔNLL_t`` with ``zero`` on a matched
-  random control of the same neuron set (paired over windows, seeds averaged, not resampled).
-* ``budget_units`` (neurons written, or directions) and ``budget_params`` (numbers the steering
-  intervention writes per position: one per neuron, ``H`` per residual direction); exact, no interval.
+  random control of the same neuron (head) set (paired over windows, seeds averaged, not resampled);
+  ``None`` when no control can be drawn (the reason is in the method's ``details``).
+* ``budget_units`` (neurons written, directions, or heads) and ``budget_params`` (neurons: one number
+  per neuron written per position; directions: ``H`` per residual direction; heads: the parameters of
+  ``W_O`` touched, ``head_dim * H`` per head); exact, no interval.
 
 Windows under neuron interventions are scored in stacked passes
-(:func:`langneurons.ppl.perplexity_matrix`); direction, arithmetic and batch-statistic rows cannot be
-stacked and run one :func:`intervened` pass each, through the same token-NLL pass.
+(:func:`langneurons.ppl.perplexity_matrix`); direction, head, arithmetic and batch-statistic rows
+cannot be stacked and run one :func:`intervened` pass each, through the same token-NLL pass.
 
 Output: ``compare.json`` (``"format": "langneurons.compare.v1"``)::
 
@@ -119,15 +133,18 @@ METRICS = {
     "deact_other_dnll": "mean over u != t of NLL_u(deactivation) - NLL_u(baseline)",
     "deact_selectivity": "deact_own_dnll - deact_other_dnll",
     "deact_own_vs_random": "deact_own_dnll - mean over random seeds of the own ΔNLL with zero on a matched "
-                           "random control of the same neuron set (neuron methods)",
+                           "random control of the same neuron or head set (neuron and head methods)",
     "budget_units": "units written: neurons of t (neuron methods, random control), neurons of t and of the "
-                    "sources (arithmetic), 1 direction (diffmean)",
-    "budget_params": "numbers the steering intervention writes per position: 1 per neuron, H per direction",
+                    "sources (arithmetic), 1 direction (diffmean), heads of t (head methods)",
+    "budget_params": "neurons: numbers written per position, 1 per neuron; diffmean: H per direction; heads: "
+                     "parameters of W_O touched, heads x head_dim x H",
 }
 #: Metrics with a 95% interval (the budget is exact).
 INTERVAL_METRICS = tuple(k for k in METRICS if not k.startswith("budget_"))
 #: Neuron-set names that would clash with other methods.
-RESERVED = ("random", "diffmean", "arith", "baseline")
+RESERVED = ("random", "diffmean", "arith", "baseline", "heads", "random-heads")
+#: ``--head-scale``: the factor ``A`` of the ``heads:NAME`` steering ``scale:A`` (amplify t's heads).
+DEFAULT_HEAD_SCALE = 2.0
 #: Measured on the demo model (10 targets, last layer): alpha 0.5 gave a mean target share of 0.76
 #: [0.65, 0.85] at an other-language ΔNLL of 0.54 under steering; alpha 1, 0.86 at 2.28; alpha 4
 #: wrecked the other languages (ΔNLL ~6). 0.5 is the default; sweep it on your model.
@@ -226,10 +243,10 @@ class Method:
     control's seeds, else one), its deactivation rows (keys of the shared window rows) and budget."""
 
     name: str
-    kind: str                                   # neurons | random | diffmean | arith
+    kind: str                                   # neurons | random | diffmean | arith | heads | random-heads
     steer: dict = field(default_factory=dict)   # t -> [intervention per replica]
     deact: dict = field(default_factory=dict)   # t -> [row key per replica]
-    control: dict = field(default_factory=dict)  # t -> [row keys of the matched random controls] (neuron methods)
+    control: dict = field(default_factory=dict)  # t -> [row keys of the matched random controls] (neurons, heads)
     budget: dict = field(default_factory=dict)  # t -> {"units", "params"}
     detail: dict = field(default_factory=dict)
 
@@ -245,19 +262,33 @@ def parse_alpha(text) -> float:
     return a
 
 
+def parse_head_scale(text) -> float:
+    """``--head-scale A`` -> ``A`` (a finite number)."""
+    try:
+        a = float(str(text).strip())
+    except ValueError:
+        raise UserError(f"--head-scale {text!r} is not a number; give the factor the target's heads are scaled by, "
+                        f"e.g. --head-scale {DEFAULT_HEAD_SCALE:g}") from None
+    if not math.isfinite(a):
+        raise UserError(f"--head-scale {text!r} is not a finite number")
+    return a
+
+
 def parse_named_files(specs: Sequence[str], option: str = "--neurons") -> dict[str, Path]:
     """``NAME=FILE`` arguments -> ``{NAME: Path}`` (names checked, each once)."""
     out: dict[str, Path] = {}
+    example = "lape-heads=heads/lape.json" if option == "--heads" else "lape=neurons/lape.json"
+    what = "head set" if option == "--heads" else "neuron set"
     for spec in specs or []:
         if "=" not in spec:
-            raise UserError(f"{option} {spec!r} is not NAME=FILE; write e.g. {option} lape=neurons/lape.json")
+            raise UserError(f"{option} {spec!r} is not NAME=FILE; write e.g. {option} {example}")
         name, path = (p.strip() for p in spec.split("=", 1))
         if not _NAME_RE.match(name) or not path:
             raise UserError(f"{option} {spec!r}: give NAME=FILE with NAME of letters, digits, '_', '-' or '.'")
         if name in RESERVED:
             raise UserError(f"{option} {spec!r}: the name {name!r} is reserved (a method of its own); pick another")
         if name in out:
-            raise UserError(f"{option}: the name {name!r} is given twice; give each neuron set once")
+            raise UserError(f"{option}: the name {name!r} is given twice; give each {what} once")
         out[name] = Path(path)
     return out
 
@@ -267,36 +298,52 @@ def default_operator(have_stats: bool, have_sentence_stats: bool) -> str:
     return "set:p_max" if have_sentence_stats else ("set:max" if have_stats else "scale:4")
 
 
-def default_methods(sets: Sequence[str], operators: Sequence[str], seeds: Sequence[int], have_directions: bool
-                    ) -> list[str]:
+def default_methods(sets: Sequence[str], operators: Sequence[str], seeds: Sequence[int], have_directions: bool,
+                    head_sets: Sequence[str] = ()) -> list[str]:
     out = [f"{n}:{op}" for n in sets for op in operators]
     if sets and seeds:
         out.append(f"random:{sets[0]}")
     if have_directions:
         out.append("diffmean")
+    out += [f"heads:{n}" for n in head_sets]
+    if head_sets and seeds:
+        out.append(f"random-heads:{head_sets[0]}")
     if sets:
         out += ["arith:add", "arith:mul"]
     return out
 
 
-def _available(sets, seeds, have_directions) -> str:
+def _available(sets, seeds, have_directions, head_sets=()) -> str:
     parts = [f"NAME:OP (NAME one of {', '.join(sets)})" if sets else None,
              "random:NAME" if sets and seeds else None, "diffmean" if have_directions else None,
+             f"heads:NAME (NAME one of {', '.join(head_sets)})" if head_sets else None,
+             "random-heads:NAME" if head_sets and seeds else None,
              "arith:add[*A], arith:mul[*A]" if sets else None]
-    return ", ".join(p for p in parts if p) or "none (give --neurons NAME=FILE and/or --directions DIR)"
+    return ", ".join(p for p in parts if p) or ("none (give --neurons NAME=FILE, --heads NAME=FILE and/or "
+                                                "--directions DIR)")
 
 
-def parse_method(spec: str, sets: Sequence[str], seeds: Sequence[int], have_directions: bool) -> dict:
+def parse_method(spec: str, sets: Sequence[str], seeds: Sequence[int], have_directions: bool,
+                 head_sets: Sequence[str] = ()) -> dict:
     """``{"name", "kind", "set", "operator"}`` of one ``--methods`` entry; UserError when it is unknown
     or its inputs are missing."""
     from .intervene import parse_operator
     s = spec.strip()
-    avail = _available(sets, seeds, have_directions)
+    avail = _available(sets, seeds, have_directions, head_sets)
     if s == "diffmean":
         if not have_directions:
             raise UserError("method 'diffmean' needs --directions DIR (from 'langneurons directions collect')")
         return {"name": s, "kind": "diffmean", "set": None, "operator": None}
     head, _, rest = s.partition(":")
+    if head in ("heads", "random-heads"):
+        if not head_sets:
+            raise UserError(f"method {s!r} needs a head set: give --heads NAME=FILE (from 'langneurons heads "
+                            "identify')")
+        if rest not in head_sets:
+            raise UserError(f"unknown method {s!r}: no head set named {rest!r}; methods: {avail}")
+        if head == "random-heads" and not seeds:
+            raise UserError(f"method {s!r} needs random-control seeds; give --random-seeds 0,1,2")
+        return {"name": s, "kind": head, "set": rest, "operator": None}
     if head == "arith" or rest.split(":", 1)[0] == "arith":
         name = sets[0] if head == "arith" and sets else head
         if not sets or name not in sets:
@@ -337,11 +384,18 @@ def choose_direction_layer(dirs, targets: Sequence[str]) -> tuple[int, list[floa
     return int(ratio.argmax()), [round(float(x), 6) for x in ratio]
 
 
-def budget_of(iv) -> dict:
-    """``{"units", "params"}`` of a steering intervention (metric definitions in :data:`METRICS`)."""
+def budget_of(iv, adapter=None) -> dict:
+    """``{"units", "params"}`` of a steering intervention (metric definitions in :data:`METRICS`); a
+    :class:`~langneurons.heads.HeadIntervention` needs the model's ``adapter`` (``head_dim``, ``H``)."""
     from .directions import DirectionIntervention
+    from .heads import HeadIntervention
     if isinstance(iv, (DirectionIntervention, DirectionAblation)):
         return {"units": len(iv.layers), "params": int(iv.hidden_size) * len(iv.layers)}
+    if isinstance(iv, HeadIntervention):
+        if adapter is None:
+            raise UserError("the budget of a head intervention needs the model (head_dim x hidden size)")
+        n = int(iv.rows.shape[0])
+        return {"units": n, "params": n * int(adapter.attention().head_dim) * int(adapter.hidden_size)}
     parts = getattr(iv, "parts", None)
     ivs = parts if parts is not None else [iv]
     sel = None
@@ -363,6 +417,47 @@ def _stackable(iv) -> bool:
     return iv is None or (type(iv) is Intervention and not iv.op.is_batch and iv.positions == "all")
 
 
+def random_head_control(hs, seed: int):
+    """Matched random control of a :class:`~langneurons.heads.HeadSet` (the head counterpart of
+    :func:`langneurons.neuronset.random_control`): for each language and each layer, as many heads as
+    ``hs`` has for that language in that layer, drawn uniformly without replacement among the heads
+    of that layer that belong to **no** language of ``hs``. One ``torch.Generator`` seeded with
+    ``seed``, used in language order then layer order (the same seed gives the same set). UserError
+    when a layer has too few free heads."""
+    from .heads import HeadSet
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"random head control: seed must be a non-negative integer, got {seed!r}")
+    L, n = hs.num_layers, hs.num_heads
+    masks = hs.masks()
+    taken = torch.zeros(L, n, dtype=torch.bool)
+    for m in masks.values():
+        taken |= m
+    free_per_layer = [(~taken[l]).nonzero().flatten() for l in range(L)]
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    out = {}
+    for lang in hs.languages:
+        counts = masks[lang].sum(1).tolist()
+        parts = []
+        for layer, need in enumerate(counts):
+            if need == 0:
+                continue
+            free = free_per_layer[layer]
+            if free.numel() < need:
+                raise UserError(f"random head control: layer {layer} has {free.numel()} heads outside every "
+                                f"language of the head set {hs.name}, but {lang!r} needs {need}; the set is too "
+                                "dense for a matched control")
+            pick = free[torch.randperm(free.numel(), generator=gen)[:need]]
+            parts.append(torch.stack([torch.full_like(pick, layer), pick], dim=1))
+        out[lang] = torch.cat(parts) if parts else torch.empty((0, 2), dtype=torch.int64)
+    method = {"name": "random", "languages": hs.languages,
+              "params": {"seed": seed, "matched_to": {"name": hs.method.get("name"),
+                                                      "path": str(hs.path) if hs.path is not None else None},
+                         "sampling": "per language and layer, uniform without replacement among the heads of no "
+                                     "language of the set"}}
+    return HeadSet(out, dict(hs.model), method)
+
+
 # ------------------------------------------------------------------------------------------ configuration
 @dataclass
 class CompareConfig:
@@ -371,6 +466,8 @@ class CompareConfig:
     held_out: list                              # [LanguageSource]
     out: Path
     neurons: dict = field(default_factory=dict)  # name -> path
+    heads: dict = field(default_factory=dict)    # name -> head-set path
+    head_scale: float = DEFAULT_HEAD_SCALE
     stats: Optional[Path] = None
     sentence_stats: Optional[Path] = None
     directions: Optional[Path] = None
@@ -420,10 +517,13 @@ def check_config(cfg: CompareConfig) -> None:
         raise UserError("compare needs at least two target languages (--languages a,b,...): the metrics contrast them")
     if cfg.cloze is not None and cfg.muse is not None:
         raise UserError("give at most one of --cloze and --muse")
-    if not cfg.neurons and cfg.directions is None:
-        raise UserError("nothing to compare: give --neurons NAME=FILE (repeatable) and/or --directions DIR")
+    if not cfg.neurons and not cfg.heads and cfg.directions is None:
+        raise UserError("nothing to compare: give --neurons NAME=FILE, --heads NAME=FILE (repeatable) and/or "
+                        "--directions DIR")
     if not math.isfinite(float(cfg.alpha)):
         raise UserError(f"--alpha {cfg.alpha} is not a finite number")
+    if not math.isfinite(float(cfg.head_scale)):
+        raise UserError(f"--head-scale {cfg.head_scale} is not a finite number")
     held = [s.code for s in cfg.held_out]
     missing = [t for t in cfg.targets if t not in held]
     if missing:
@@ -553,6 +653,7 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     return the record (module docstring)."""
     from . import steer as S
     from .directions import DirectionIntervention, Directions
+    from .heads import HeadIntervention, HeadSet, head_operator
     from .intervene import Intervention, parse_operator
     from .neuronset import NeuronSet, random_control
     from .ppl import heldout_windows, replicate_nll
@@ -569,6 +670,13 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
         if miss:
             raise UserError(f"the neuron set {name} ({cfg.neurons[name]}) has no language {', '.join(miss)}; it holds "
                             f"{', '.join(ns.languages)}")
+    head_sets = {name: HeadSet.load(p) for name, p in cfg.heads.items()}
+    for name, hs in head_sets.items():
+        miss = [t for t in targets if t not in hs.heads]
+        if miss:
+            raise UserError(f"the head set {name} ({cfg.heads[name]}) has no language {', '.join(miss)}; it holds "
+                            f"{', '.join(hs.languages)}")
+    head_op = head_operator(f"scale:{float(cfg.head_scale):g}").spec
     stats = ActivationStats.load(cfg.stats) if cfg.stats is not None else None
     sstats = ActivationStats.load(cfg.sentence_stats) if cfg.sentence_stats is not None else None
     dirs = Directions.load(cfg.directions) if cfg.directions is not None else None
@@ -581,12 +689,13 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
             raise UserError(f"--direction-layer {cfg.direction_layer} is outside 0..{dirs.num_layers - 1}")
     operators = list(cfg.operators) if cfg.operators else [default_operator(stats is not None, sstats is not None)]
     operators = [parse_operator(o).spec for o in operators]
-    names = list(sets)
+    names, hnames = list(sets), list(head_sets)
     explicit = cfg.methods is not None
-    specs = list(dict.fromkeys(cfg.methods)) if explicit else default_methods(names, operators, seeds, dirs is not None)
+    specs = (list(dict.fromkeys(cfg.methods)) if explicit
+             else default_methods(names, operators, seeds, dirs is not None, hnames))
     if not specs:
         raise UserError("--methods names no method")
-    parsed = [parse_method(s, names, seeds, dirs is not None) for s in specs]
+    parsed = [parse_method(s, names, seeds, dirs is not None, hnames) for s in specs]
     items, data = None, None
     if cfg.cloze is not None or cfg.muse is not None:
         if cfg.cloze is not None:
@@ -629,6 +738,12 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     adapter = session.adapter
     for name, ns in sets.items():
         ns.validate_for(adapter.num_layers, adapter.width, site=cfg.site)
+    att = adapter.attention() if head_sets else None
+    for name, hs in head_sets.items():
+        try:
+            hs.validate_for(adapter.num_layers, att.num_heads, att.head_dim)
+        except UserError as e:
+            raise UserError(f"--heads {name}: {e}") from None
     if dirs is not None:
         if (dirs.num_layers, dirs.hidden_size) != (adapter.num_layers, adapter.hidden_size):
             m = dirs.meta.get("model") or {}
@@ -660,6 +775,34 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
             except UserError as e:
                 controls[name] = {"error": str(e)}
         return controls[name]
+
+    head_controls: dict[str, dict] = {}
+
+    def head_control_sets(name: str):
+        if name not in head_controls:
+            try:
+                head_controls[name] = {s: random_head_control(head_sets[name], s) for s in seeds}
+            except UserError as e:
+                head_controls[name] = {"error": str(e)}
+        return head_controls[name]
+
+    def head_zero_rows(label: str, hs) -> dict[str, str]:
+        out = {}
+        for t in targets:
+            key = f"deact|{label}|{t}"
+            if key not in rows:
+                rows[key] = HeadIntervention(hs, t, "zero")
+            out[t] = key
+        return out
+
+    def head_detail(hname: str, hs) -> dict:
+        return {"heads": hname, "path": str(cfg.heads[hname]), "operator": head_op, "positions": "all",
+                "deactivation": "zero (z_h <- 0, removes c_h)", "num_heads": att.num_heads,
+                "head_dim": att.head_dim, "hidden_size": adapter.hidden_size, "attn_out": att.path,
+                "heads_of": {t: hs.heads[t].tolist() for t in targets},
+                "budget": "units: heads of t; params: heads x head_dim x H, the parameters of W_O touched",
+                "steering": "scale:A amplifies t's heads (c_h <- A c_h): the head analogue of activating its "
+                            "neurons"}
 
     def zero_rows(label: str, ns) -> dict[str, str]:
         out = {}
@@ -697,6 +840,23 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
                 m.deact = {t: [zs[s][t] for s in seeds] for t in targets}
                 m.detail = {"neurons": p["set"], "control_of": str(cfg.neurons[p["set"]]), "operator": op,
                             "seeds": seeds, "deactivation": "zero"}
+            elif kind == "heads":
+                hs = head_sets[p["set"]]
+                m.steer = {t: [HeadIntervention(hs, t, head_op)] for t in targets}
+                z = head_zero_rows(f"heads:{p['set']}", hs)
+                m.deact = {t: [z[t]] for t in targets}
+                m.detail = head_detail(p["set"], hs)
+            elif kind == "random-heads":
+                ctl = head_control_sets(p["set"])
+                if "error" in ctl:
+                    raise UserError(ctl["error"])
+                m.steer = {t: [HeadIntervention(ctl[s], t, head_op) for s in seeds] for t in targets}
+                zs = {s: head_zero_rows(f"random-heads[{s}]:{p['set']}", ctl[s]) for s in seeds}
+                m.deact = {t: [zs[s][t] for s in seeds] for t in targets}
+                m.detail = {**head_detail(p["set"], head_sets[p["set"]]), "control_of": str(cfg.heads[p["set"]]),
+                            "seeds": seeds, "control_heads": {s: {t: ctl[s].heads[t].tolist() for t in targets}
+                                                              for s in seeds}}
+                m.detail.pop("heads_of")
             elif kind == "diffmean":
                 m.steer = {t: [DirectionIntervention(dirs, t, [layer], cfg.alpha, normalise=True)] for t in targets}
                 for t in targets:
@@ -723,7 +883,7 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
                 m.detail = {"neurons": p["set"], "path": str(cfg.neurons[p["set"]]), "operator": spec,
                             "sources": "the other targets", "deactivation": "zero (the neuron set's rows)"}
         except UserError as e:
-            if kind in ("arith", "random"):     # unavailable arithmetic, sets too dense for a control
+            if kind in ("arith", "random", "random-heads"):   # unavailable arithmetic, sets too dense for a control
                 skipped[name] = str(e)
                 continue
             raise
@@ -734,8 +894,16 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
                 m.control = {t: [zs[s][t] for s in seeds] for t in targets}
             else:
                 m.detail["random_control"] = ctl["error"]
+        if kind == "heads":
+            ctl = head_control_sets(p["set"]) if seeds else {"error": "no --random-seeds"}
+            if "error" not in ctl:
+                zs = {s: head_zero_rows(f"random-heads[{s}]:{p['set']}", ctl[s]) for s in seeds}
+                m.control = {t: [zs[s][t] for s in seeds] for t in targets}
+            else:
+                m.detail["random_control"] = ("deact_own_vs_random is None: no matched random head control: "
+                                              + ctl["error"])
         for t in targets:
-            m.budget[t] = budget_of(m.steer[t][0])
+            m.budget[t] = budget_of(m.steer[t][0], adapter)
             m.detail.setdefault("steer", {})[t] = _describe(m.steer[t][0])
         for t in targets:
             for k, iv in enumerate(m.steer[t]):
@@ -927,6 +1095,7 @@ def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
         "generations": {"prompts": runs, "baseline": base_texts, "steered": {name: texts[name] for name in methods}},
         "settings": {
             "model": cfg.model, "model_type": adapter.model_type, "neurons": {k: str(v) for k, v in cfg.neurons.items()},
+            "heads": {k: str(v) for k, v in cfg.heads.items()}, "head_scale": cfg.head_scale if head_sets else None,
             "stats": str(cfg.stats) if cfg.stats else None,
             "sentence_stats": str(cfg.sentence_stats) if cfg.sentence_stats else None,
             "directions": str(cfg.directions) if cfg.directions else None,

@@ -1,12 +1,13 @@
 """``langneurons compare``: one scoreboard of every way of localising a language (neuron sets, random
-controls, DiffMean directions, language arithmetic), measured by one code path."""
+controls, DiffMean directions, language arithmetic, attention-head sets), measured by one code path."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-HELP = "scoreboard: steer, deactivate and budget every localisation method (neurons, random, diffmean, arith)"
+HELP = ("scoreboard: steer, deactivate and budget every localisation method (neurons, random, diffmean, arith, "
+        "heads)")
 
 
 def _epilog() -> str:
@@ -29,6 +30,17 @@ t, a steering intervention, a deactivation intervention and a budget:
                  language arithmetic on the first neuron set (NAME:arith:... for another): the other
                  targets' neurons down, t's up; skipped with the reason when this langneurons has no
                  language arithmetic; deactivation and budget as NAME:OP (budget: neurons written)
+  heads:NAME     t's attention heads of the head set --heads NAME=FILE ('heads identify') scaled:
+                 z_h <- A z_h, so c_h <- A c_h (A = --head-scale [2]): amplifying the target's heads is
+                 the head analogue of activating its neurons (a head has no "on" value to set);
+                 deactivation: zero on t's heads (z_h <- 0, removes c_h); budget: |Heads(t)| heads
+                 (units) and |Heads(t)| x head_dim x H parameters (the columns of W_O, the attention
+                 output projection, the heads' outputs pass through)
+  random-heads:NAME
+                 the same on a matched random control of the head set (per language and layer as many
+                 heads as NAME has, drawn among the heads of no language of NAME; one per
+                 --random-seeds seed); it also gives heads:NAME its deact_own_vs_random (null, with
+                 the reason in details, when a layer has too few free heads for a control)
 
 Metrics (per method x target; summary: mean over targets). Every number x comes with x_ci95, a 95%
 percentile bootstrap interval (2000 resamples seeded with --seed) over generation runs (paired with
@@ -47,7 +59,7 @@ example:
       --held-out en=heldout/en.txt --held-out zh=heldout/zh.txt --held-out fr=heldout/fr.txt \\
       --neurons lape=runs/neurons/lape.json --neurons top-prob=runs/neurons/top_prob.json \\
       --stats runs/stats --sentence-stats runs/stats-sentence --directions runs/directions \\
-      --muse data/muse --out runs/compare
+      --heads lape-heads=runs/heads-lape.json --muse data/muse --out runs/compare
 """
 
 
@@ -55,13 +67,18 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help=HELP, description=HELP, epilog=_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     from .options import add_languages, add_model_options, add_operator, add_out, add_seed
-    from ..compare import DEFAULT_ALPHA
+    from ..compare import DEFAULT_ALPHA, DEFAULT_HEAD_SCALE
     add_model_options(p, batch_size=16)
     add_languages(p, "target languages (at least two)", required=True)
     p.add_argument("--held-out", action="append", required=True, metavar="CODE=FILE", dest="held_out",
                    help="held-out text of a language (repeat; every target needs one, others add columns)")
     p.add_argument("--neurons", action="append", default=None, metavar="NAME=FILE",
                    help="a neuron set to compare, named (repeat: lape=neurons/lape.json, top-prob=...)")
+    p.add_argument("--heads", action="append", default=None, metavar="NAME=FILE",
+                   help="a head set to compare ('langneurons heads identify'), named (repeat: "
+                        "lape-heads=heads/lape.json); adds heads:NAME (and random-heads:NAME for the first)")
+    p.add_argument("--head-scale", default=str(DEFAULT_HEAD_SCALE), dest="head_scale", metavar="A",
+                   help=f"heads:NAME steering multiplies t's head outputs by A [{DEFAULT_HEAD_SCALE:g}]")
     p.add_argument("--stats", type=Path, default=None, help="window statistics (statistic operators, arith:add)")
     p.add_argument("--sentence-stats", type=Path, default=None, dest="sentence_stats",
                    help="per-sentence statistics ('collect --unit sentence'; set:p_max, set:p_median)")
@@ -75,7 +92,8 @@ def register(sub) -> None:
                           "[set:p_max with --sentence-stats, set:max with --stats, else scale:4]")
     p.add_argument("--site", default="act", help="site the neuron methods write: pre | act (default) | product")
     p.add_argument("--random-seeds", default="0,1,2", dest="random_seeds",
-                   help="seeds of the random:NAME control and of the own-vs-random comparison, or none [0,1,2]")
+                   help="seeds of the random:NAME and random-heads:NAME controls and of the own-vs-random "
+                        "comparison, or none [0,1,2]")
     g = p.add_argument_group("steering data")
     g.add_argument("--cloze", type=Path, default=None, help="parallel cloze JSONL (adds the lss metric)")
     g.add_argument("--muse", type=Path, default=None, help="directory of MUSE en-xx.txt dictionaries (cloze items)")
@@ -118,6 +136,7 @@ def check_outputs(args) -> str:
     from ..outputs import check_dir, command_key, lang_inputs
     key = command_key(args)
     neurons = [(f"--neurons {s.split('=', 1)[0]}", s.split("=", 1)[1]) for s in (args.neurons or []) if "=" in s]
+    neurons += [(f"--heads {s.split('=', 1)[0]}", s.split("=", 1)[1]) for s in (args.heads or []) if "=" in s]
     check_dir(args.out, inputs=[("model directory", args.model), ("statistics directory", args.stats),
                                 ("statistics directory", args.sentence_stats), ("directions directory", args.directions),
                                 ("cloze file", args.cloze), ("MUSE directory", args.muse),
@@ -128,11 +147,12 @@ def check_outputs(args) -> str:
 
 
 def run(args) -> int:
-    from ..compare import CompareConfig, parse_alpha, parse_named_files, print_table, run_compare
+    from ..compare import CompareConfig, parse_alpha, parse_head_scale, parse_named_files, print_table, run_compare
     from ..corpus import default_cache_dir, parse_lang_arg
     from ..errors import UserError
     from .options import split_languages
     alpha = parse_alpha(args.alpha)
+    head_scale = parse_head_scale(args.head_scale)
     key = check_outputs(args)
     held = []
     for spec in args.held_out:
@@ -146,7 +166,8 @@ def run(args) -> int:
     ops = split_languages(args.operator)
     cfg = CompareConfig(
         model=args.model, targets=split_languages(args.languages) or [], held_out=held, out=args.out,
-        neurons=parse_named_files(args.neurons or []), stats=args.stats, sentence_stats=args.sentence_stats,
+        neurons=parse_named_files(args.neurons or []), heads=parse_named_files(args.heads or [], "--heads"),
+        head_scale=head_scale, stats=args.stats, sentence_stats=args.sentence_stats,
         directions=args.directions, direction_layer=args.direction_layer, alpha=alpha, methods=methods,
         operators=ops or None, site=args.site, random_seeds=_seeds(args.random_seeds), cloze=args.cloze,
         muse=args.muse, items=args.items, samples=args.samples, max_new_tokens=args.max_new_tokens,
@@ -156,7 +177,7 @@ def run(args) -> int:
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()), progress=not args.quiet,
         command_key=key)
     if methods is not None and not methods:
-        raise UserError("--methods names no method; give e.g. --methods lape:set:max,random:lape,diffmean")
+        raise UserError("--methods names no method; give e.g. --methods lape:set:max,random:lape,diffmean,heads:H")
     record = run_compare(cfg)
     from ..runtime import dist_info
     if dist_info()[0] != 0:

@@ -1,5 +1,6 @@
 """Report section of ``langneurons compare``: the scoreboard of localisation methods (neuron sets,
-random controls, DiffMean directions, language arithmetic) with 95% intervals, and its figure."""
+random controls, DiffMean directions, language arithmetic, attention-head sets) with 95% intervals, and
+its figure."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def section_compare(items: list, ctx: Context) -> str:
         if st.get("direction_layer") is not None:
             meta.append(f"DiffMean at layer {_e(st['direction_layer'])}, alpha {_e(st.get('alpha'))} "
                         f"(× mean residual norm)")
+        if _dict(st.get("heads")) and st.get("head_scale") is not None:
+            meta.append(f"head sets {_e(', '.join(_dict(st['heads'])))}: t's heads scaled by "
+                        f"{_e(st['head_scale'])} to steer, zeroed to deactivate")
         if st.get("generations_per_target"):
             meta.append(f"{_e(st['generations_per_target'])} generations per target")
         out.append(f'<p class="meta">{"; ".join(meta)}. Each value is followed by its 95% bootstrap interval '
