@@ -195,6 +195,8 @@ def test_every_kind_has_a_section_and_nothing_is_left_over(tmp_path):
     assert "Other files" not in page and 'class="err"' not in page and "could not render" not in page
     for kind in paths:
         assert f"<h2>{artifacts.KINDS[kind].title}</h2>" in page, kind
+    # the scoreboard in the results paragraph, best steering method first
+    assert "mean target share of steered generations was diffmean 0.91 [0.84, 0.97], lape:set:p_max 0.69" in page
     # paths are relative to the run directory, never absolute from inside it
     assert str(tmp_path) not in page and str(run.resolve()) not in page
     assert "<code>neurons/lape.json</code>" in page               # ppl settings recorded an absolute path

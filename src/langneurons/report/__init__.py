@@ -161,6 +161,19 @@ def results_sentences(groups: dict) -> list[str]:
         if lss:
             out.append("Language Steering Shift on cloze items (share of items whose preference moved toward "
                        "the target; 0.5 would be chance-level movement): " + ", ".join(lss) + ".")
+    for it in groups.get("compare", []):
+        summ = _dict(it.doc.get("summary"))
+        shares = {m: _dict(v) for m, v in summ.items() if _is_num(_dict(v).get("share"))}
+        if shares:
+            order = sorted(shares, key=lambda m: -shares[m]["share"])
+            base = _mean(_dict(_dict(it.doc.get("baseline")).get("share")).values())
+            out.append(f"On the scoreboard ({it.rel}; {len(it.doc.get('targets') or [])} targets), the mean target "
+                       "share of steered generations was " + ", ".join(
+                           f"{m} {_ci(shares[m]['share'], shares[m].get('share_ci95'), 2)}" for m in order)
+                       + (f" (unsteered {base:.2f})" if base is not None else "") + "; collateral ΔNLL on the other "
+                       "languages under steering: " + ", ".join(
+                           f"{m} {_ci(shares[m].get('steer_other_dnll'), shares[m].get('steer_other_dnll_ci95'), 2)}"
+                           for m in order if _is_num(shares[m].get("steer_other_dnll"))) + ".")
     for it in groups.get("finetune.experiment", []):
         for kind, v in _dict(it.doc.get("verdict")).items():
             out.append(f"{it.rel}: with {kind}-language masks, language-neuron LoRA "
