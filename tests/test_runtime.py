@@ -97,11 +97,17 @@ def test_steer_eval_and_probe_passes_on_every_architecture(model_type, tok):
 
 
 class _FirstLetter:
-    """A language identifier stand-in (langid is an optional extra): 'en' for ASCII-initial text."""
+    """A language identifier stand-in (langid is an optional extra): 'en' for ASCII-initial text,
+    with the identifier's interface (``languages``, per-text ``labels``, ``shares``)."""
+
+    languages = ["en", "fr"]
+
+    def labels(self, texts):
+        return ["en" if t[:1].isascii() else "fr" for t in texts]
 
     def shares(self, texts):
-        en = sum(1 for t in texts if t[:1].isascii()) / max(1, len(texts))
-        return {"en": en, "fr": 1.0 - en}
+        labels = self.labels(texts)
+        return {c: sum(x == c for x in labels) / max(1, len(labels)) for c in self.languages}
 
 
 # ------------------------------------------------------------------------------------------ --arch once
