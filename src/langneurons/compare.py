@@ -251,27 +251,25 @@ class Method:
     detail: dict = field(default_factory=dict)
 
 
-def parse_alpha(text) -> float:
+def _finite(flag: str, text, what: str, example: float) -> float:
+    """``FLAG TEXT`` -> a finite float, or one error line naming the flag and what it means."""
     try:
         a = float(str(text).strip())
     except ValueError:
-        raise UserError(f"--alpha {text!r} is not a number; give the steering strength in units of the mean "
-                        f"residual norm, e.g. --alpha {DEFAULT_ALPHA:g}") from None
+        raise UserError(f"{flag} {text!r} is not a number; give {what}, e.g. {flag} {example:g}") from None
     if not math.isfinite(a):
-        raise UserError(f"--alpha {text!r} is not a finite number")
+        raise UserError(f"{flag} {text!r} is not a finite number")
     return a
+
+
+def parse_alpha(text) -> float:
+    """``--alpha A`` -> ``A`` (a finite number)."""
+    return _finite("--alpha", text, "the steering strength in units of the mean residual norm", DEFAULT_ALPHA)
 
 
 def parse_head_scale(text) -> float:
     """``--head-scale A`` -> ``A`` (a finite number)."""
-    try:
-        a = float(str(text).strip())
-    except ValueError:
-        raise UserError(f"--head-scale {text!r} is not a number; give the factor the target's heads are scaled by, "
-                        f"e.g. --head-scale {DEFAULT_HEAD_SCALE:g}") from None
-    if not math.isfinite(a):
-        raise UserError(f"--head-scale {text!r} is not a finite number")
-    return a
+    return _finite("--head-scale", text, "the factor the target's heads are scaled by", DEFAULT_HEAD_SCALE)
 
 
 def parse_named_files(specs: Sequence[str], option: str = "--neurons") -> dict[str, Path]:
